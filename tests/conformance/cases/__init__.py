@@ -1,0 +1,1 @@
+"""One module per technique, each calling ``registry.register(Case(...))``."""
