@@ -1,0 +1,1 @@
+"""Benchmarks: effect reproduction on Fashion-MNIST and overhead against the anchors."""
