@@ -1,0 +1,89 @@
+"""2-process DDP (or single-process) writer for ``PerSampleTable`` tests.
+
+Usage: ``python -m tests.table_ddp_worker OUT_DIR MODE`` with MODE ``ddp`` or ``single``.
+
+Every step writes rows that are a deterministic function of (index, step) for the step's global batch,
+so the final table depends only on which samples were visited when. The DDP run uses
+``DistributedSampler(shuffle=False)`` over 61 samples (so rank 1 gets a padded duplicate of sample 0),
+and a final uneven step where rank 0 writes 3 rows and rank 1 writes 1 row.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from lightning_reg.core.table import PerSampleTable
+from tests.helpers import ListBatchSampler, interleaved_rank_batches, trainer_kwargs
+
+N, C, BATCH, WORLD = 61, 5, 8, 2
+
+
+def rows_for(index: torch.Tensor, step: int) -> torch.Tensor:
+    base = torch.arange(C, dtype=torch.float32)
+    return torch.softmax(torch.sin(index.float().unsqueeze(1) * 0.37 + step * 0.11 + base), dim=1)
+
+
+class RankBatches(Sampler[list[int]]):
+    """Rank r's batches from DistributedSampler, then an uneven extra batch (3 rows on rank 0, 1 on rank 1)."""
+
+    def _batches(self) -> list[list[int]]:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        idx = list(DistributedSampler(range(N), num_replicas=WORLD, rank=rank, shuffle=False))
+        batches = [idx[i : i + BATCH] for i in range(0, len(idx), BATCH)]
+        batches.append([5, 6, 7] if rank == 0 else [6])
+        return batches
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class Writer(L.LightningModule):
+    def __init__(self, table: PerSampleTable) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.table = table
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        index = batch
+        if not self.table.is_allocated:
+            self.table.allocate(N, C, self.device)
+        self.table.write(index, rows_for(index, self.global_step), strategy=self.trainer.strategy)
+        return (self.w**2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def single_batches() -> list[list[int]]:
+    batches = interleaved_rank_batches(N, WORLD, BATCH)
+    return [*batches, [5, 6, 7, 6]]
+
+
+def run(out_dir: str, mode: str, dtype: str = "float32", topk: int | None = None) -> PerSampleTable:
+    table = PerSampleTable(dtype=dtype, topk=topk)
+    ds = torch.arange(N)
+    if mode == "ddp":
+        loader = DataLoader(ds, batch_sampler=RankBatches())
+        kw = trainer_kwargs(devices=WORLD, strategy="ddp", use_distributed_sampler=False)
+    else:
+        loader = DataLoader(ds, batch_sampler=ListBatchSampler(single_batches()))
+        kw = trainer_kwargs()
+    trainer = L.Trainer(max_epochs=1, **kw)
+    trainer.fit(Writer(table), train_dataloaders=loader)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.save(table.state_dict(), Path(out_dir) / f"{mode}_rank{trainer.global_rank}.pt")
+    return table
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2])
