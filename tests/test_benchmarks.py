@@ -1,0 +1,41 @@
+"""The benchmark suite's command line: ``--help`` and a dry run (the full run is not for CI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help() -> None:
+    proc = _run("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--suite" in proc.stdout and "quick" in proc.stdout
+
+
+def test_dry_run_imports_every_benchmark(tmp_path: Path) -> None:
+    proc = _run("run", "--suite", "quick", "--dry-run", "--output", str(tmp_path / "R.md"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plan" in proc.stdout and "overhead" in proc.stdout
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_results_writer_builds_the_claims_table(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.__main__ import write_results
+
+    out = tmp_path / "R.md"
+    write_results(
+        [{"name": "x", "title": "X", "markdown": "| a |\n|---|\n| 1 |",
+          "claims": [{"technique": "T", "claim": "c", "measured": "m", "verdict": "yes"}]}],
+        "quick", 60.0, out,
+    )
+    text = out.read_text()
+    assert "| T | c | m | yes |" in text and "## X" in text and "torch" in text
