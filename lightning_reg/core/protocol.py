@@ -17,7 +17,8 @@ documented pipeline over a :class:`StepContext`::
       -> transform_input   (input stage, e.g. mixup)      in callback-list order
       -> forward           (self(x) -> logits)
       -> refine_labels     (label stage, e.g. label correction)
-      -> refine_target     (target stage, e.g. label smoothing, PS-KD)
+      -> refine_target     (target stage, e.g. label smoothing, PS-KD; then the input
+                            stage's own refine_target, e.g. mixup mixing the final target)
       -> base loss         (CE on the hard label, or soft CE on the refined target)
       -> loss_term         (loss stage, e.g. ELR, consistency)
       -> log every term    ("train/loss", "train/loss_base", "train/loss_<name>")
@@ -342,7 +343,12 @@ class LossRegularizer(RegularizerCallback):
         """Label stage: replace ``ctx.labels`` (e.g. with corrected labels)."""
 
     def refine_target(self, ctx: StepContext) -> None:
-        """Target stage: set ``ctx.target`` from ``ctx.current_target()``."""
+        """Target stage: set ``ctx.target`` from ``ctx.current_target()``.
+
+        Input-stage regularizers may implement it too: theirs runs after every
+        target-stage regularizer, so it sees the final target (mixup mixes it
+        with the permutation it mixed the inputs with).
+        """
 
     def loss_term(self, ctx: StepContext) -> Tensor | None:
         """Loss stage: return a scalar term to add to the loss, or ``None`` to add nothing."""
@@ -468,6 +474,9 @@ class RegularizedModule:
             for r in regs:
                 if r.stage == stage:
                     getattr(r, "refine_labels" if stage == "label" else "refine_target")(ctx)
+        for r in regs:  # input-stage regularizers (mixup) finish the target last, so they mix the final target
+            if r.stage == "input":
+                r.refine_target(ctx)
         ctx.terms = {"base": self.base_loss(ctx), **ctx.terms}
         for r in regs:
             if r.stage == "loss":
