@@ -1,0 +1,227 @@
+"""``PSKD``: progressive self-knowledge distillation as a target refiner, with a compact per-sample table."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
+from lightning_reg.core.schedules import ScheduleLike, get_schedule
+from lightning_reg.core.table import PerSampleTable
+from lightning_reg.core.validation import check_choice, check_float, check_optional_int
+from lightning_reg.functional.pskd import pskd_soft_targets, target_entropy
+
+__all__ = ["PSKD"]
+
+
+class PSKD(LossRegularizer):
+    r"""Progressive self-knowledge distillation (Kim et al., ICCV 2021), https://arxiv.org/abs/2006.12000.
+
+    Each sample's target is its label mixed with the prediction the model made
+    for that sample at its previous visit:
+
+    .. math::
+
+        q_i = (1 - \alpha_t)\, y_i + \alpha_t\, P^{\mathrm{prev}}_i, \qquad
+        \alpha_t = \alpha_T \cdot t / T,
+
+    and the base loss becomes the soft cross-entropy :math:`-\sum_c q_c \log p_c`
+    (its logit gradient is :math:`p - q`). ``t`` is the one-based epoch
+    (``trainer.current_epoch + 1``, as in the reference code's
+    ``alpha_T * (epoch + 1) / end_epoch``) and ``T`` is ``trainer.max_epochs``,
+    so ``α_t`` reaches ``α_T`` in the last epoch.
+
+    **Previous predictions.** ``P_prev[i]`` is the softmax (temperature 1) of
+    the train-mode logits of the step that last saw sample ``i``, on its
+    augmented input: the paper's definition. Each step first reads the batch's
+    old rows, then writes the new predictions into a
+    :class:`~lightning_reg.core.table.PerSampleTable` (all-gathered across DDP
+    ranks, vectorised, ``DistributedSampler`` padding handled). A sample never
+    seen before (the whole first epoch, or a sample ``drop_last`` skipped) gets
+    its hard label (``torch.where``, no host sync); the reference instead
+    writes one-hot rows in epoch 0, which is the same target.
+
+    **Extension (not the paper).** ``teacher="ema"`` stores the prediction of an
+    :class:`~lightning_reg.EMATeacher` (any callback with ``teacher_forward``)
+    on the clean input instead of the student's; until the teacher's first
+    update (``has_updated`` is ``False``) the student's prediction is stored.
+
+    **Composition.** PS-KD refines ``ctx.current_target()``, whatever the
+    refiners before it produced:
+
+    * ``[LabelSmoothing(ε), PSKD(α_T)]``: ``q = (1-α)·LS(y) + α·P_prev``;
+    * ``[PSKD(α_T), LabelSmoothing(ε)]``: ``q = (1-ε)·((1-α)·y + α·P_prev) + ε/C``.
+
+    Both orders are valid and deterministic. PS-KD changes only the *base*
+    loss's target: loss terms (e.g. ELR, whose term uses its own table, and
+    any term that reads ``ctx.labels``/``ctx.given_labels``) keep using the
+    hard labels. Two ``PSKD`` callbacks, or PS-KD with an input-stage
+    regularizer (mixup-like: a mixed input has no per-sample previous
+    prediction, and storing its prediction would corrupt the table), raise at
+    ``setup``.
+
+    Args:
+        alpha_T: ``α_T`` in ``[0, 1]``, the final weight of the past predictions (paper: 0.8).
+        schedule: The shape of ``α_t / α_T`` over training: ``"linear"`` (the
+            paper's ``t / T``) or any :mod:`~lightning_reg.core.schedules` name or instance,
+            evaluated as ``schedule(t, T)``; its values must stay in ``[0, 1]``.
+        schedule_unit: ``"epoch"`` (the paper: ``t = current_epoch + 1``,
+            ``T = max_epochs``) or ``"step"`` (``t = global_step + 1``,
+            ``T = trainer.estimated_stepping_batches``).
+        teacher: ``"self"`` (the paper) or ``"ema"`` (store the EMA teacher's predictions; see above).
+        num_samples: Training-set size; inferred from the train dataloader when ``None``.
+        table_dtype: Storage of the table: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        table_device: ``"auto"`` (the module's device) or ``"cpu"`` (host memory, pinned on CUDA machines).
+        topk: Keep only the ``topk`` largest probabilities of each row and spread the
+            remaining mass uniformly (``None`` = dense rows). Must be below the number of classes.
+
+    Logged metrics:
+
+    ===========================  ==========================================================
+    ``pskd/alpha``                ``α_t``
+    ``pskd/target_entropy``       mean entropy (nats) of PS-KD's soft targets in the batch
+    ``train/loss_base``           the soft-target cross-entropy (logged by the mixin)
+    ===========================  ==========================================================
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[PSKD(alpha_T=0.8)], max_epochs=300, logger=False)
+
+    YAML::
+
+        trainer:
+          max_epochs: 300
+          callbacks:
+            - class_path: lightning_reg.PSKD
+              init_args: {alpha_T: 0.8, table_dtype: bfloat16}
+    """
+
+    name = "pskd"
+    stage = "target"
+    requires_index = True
+    version = 1
+
+    def __init__(
+        self,
+        alpha_T: float = 0.8,
+        schedule: ScheduleLike = "linear",
+        schedule_unit: Literal["epoch", "step"] = "epoch",
+        teacher: Literal["self", "ema"] = "self",
+        num_samples: int | None = None,
+        table_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        table_device: Literal["auto", "cpu"] = "auto",
+        topk: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.alpha_T = check_float("alpha_T", alpha_T, 0.0, 1.0)
+        self.schedule = get_schedule(schedule, "schedule")
+        self.schedule_unit = check_choice("schedule_unit", schedule_unit, ["epoch", "step"])
+        self.teacher = check_choice("teacher", teacher, ["self", "ema"])
+        self.num_samples = check_optional_int("num_samples", num_samples, low=1)
+        self.table_dtype = check_choice("table_dtype", table_dtype, ["float32", "bfloat16", "float16"])
+        self.table_device = check_choice("table_device", table_device, ["auto", "cpu"])
+        self.topk = check_optional_int("topk", topk, low=1)
+        self.table = PerSampleTable(
+            num_samples=self.num_samples, dtype=self.table_dtype, device=self.table_device, topk=self.topk
+        )
+        self._placed = False
+        self._teacher: TeacherProvider | None = None
+        self._total_steps: int | None = None
+
+    # -- setup and composition ------------------------------------------------
+    def conflicts_with(self, other: LossRegularizer) -> str | None:
+        if isinstance(other, PSKD) and other is not self:
+            return "PS-KD owns one table of previous predictions and one progressive target; keep a single `PSKD`"
+        if other.stage == "input":
+            return (
+                f"`PSKD` stores each sample's prediction by dataset index, but the input-stage regularizer"
+                f" `{type(other).__name__}` changes the inputs (e.g. mixes samples), so the prediction would not"
+                " belong to the sample and the previous-prediction table would be corrupted; remove one of them"
+            )
+        return super().conflicts_with(other)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._total_steps = None
+        if self.schedule_unit == "epoch" and (trainer.max_epochs is None or trainer.max_epochs <= 0):
+            raise ValueError(
+                "`PSKD(schedule_unit='epoch')` ramps α_t over `Trainer(max_epochs=...)`, but the trainer has"
+                f" max_epochs={trainer.max_epochs}. Set `max_epochs`, or use `PSKD(schedule_unit='step')` with"
+                " `max_steps`."
+            )
+        if self.teacher == "ema":
+            self._teacher = find_teacher(trainer)
+            if self._teacher is None:
+                raise ValueError(
+                    "`PSKD(teacher='ema')` stores the EMA teacher's predictions, but the trainer has no callback with"
+                    " `teacher_forward`. Add `EMATeacher(...)` to the callbacks, or use `PSKD(teacher='self')`."
+                )
+
+    # -- schedule -------------------------------------------------------------
+    def current_alpha(self, trainer: Trainer) -> float:
+        """``α_t = α_T · schedule(t, T)`` for the trainer's current epoch (or step); a Python float."""
+        if self.schedule_unit == "epoch":
+            t, total = trainer.current_epoch + 1, int(trainer.max_epochs or 1)
+        else:
+            if self._total_steps is None:
+                est = trainer.estimated_stepping_batches
+                if not 0 < est < float("inf"):
+                    raise ValueError(
+                        "`PSKD(schedule_unit='step')` needs a finite number of training steps; set `max_steps` or"
+                        " `max_epochs` on the Trainer."
+                    )
+                self._total_steps = int(est)
+            t, total = trainer.global_step + 1, self._total_steps
+        alpha = self.alpha_T * self.schedule(t, total)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`PSKD` needs α_t in [0, 1], but its schedule gave {alpha!r} at t={t} of {total}.")
+        return alpha
+
+    # -- the target stage -------------------------------------------------------
+    def _ensure_table(self, trainer: Trainer, logits: Tensor) -> None:
+        if self._placed:
+            return
+        n = self.num_samples if self.num_samples is not None else infer_num_samples(trainer, "PSKD")
+        self.table.allocate(n, int(logits.shape[-1]), device=logits.device)
+        self._placed = True
+
+    def _predictions(self, ctx: StepContext) -> Tensor:
+        """The rows to store for this step: the student's (default) or the EMA teacher's probabilities."""
+        teacher = self._teacher
+        if self.teacher == "ema" and teacher is not None and bool(getattr(teacher, "has_updated", True)):
+            x = ctx.extras.get("clean_x")
+            if x is None:
+                raise ValueError(
+                    "`PSKD(teacher='ema')` runs the teacher on the batch's input, but none was given. Pass it to"
+                    " `self.regularized_loss(logits, y, index, x=x)`."
+                )
+            with torch.no_grad():
+                return torch.softmax(teacher.teacher_forward(x).detach().float(), dim=-1)
+        return ctx.probs()
+
+    def refine_target(self, ctx: StepContext) -> None:
+        trainer = ctx.module.trainer
+        index = ctx.require_index("PSKD")
+        assert ctx.logits is not None
+        self._ensure_table(trainer, ctx.logits)
+        alpha = self.current_alpha(trainer)
+        # Read the previous predictions first, then overwrite them with this step's.
+        prev, seen = self.table.read(index, device=ctx.logits.device)
+        ctx.target = pskd_soft_targets(ctx.current_target(), prev, alpha, seen)
+        self.table.write(index, self._predictions(ctx), strategy=trainer.strategy)
+        ctx.logs[f"{self.name}/alpha"] = alpha
+        ctx.logs[f"{self.name}/target_entropy"] = target_entropy(ctx.target)
+
+    # -- state ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "table": self.table.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_choice("version", state_dict.get("version"), [self.version])
+        self.table.load_state_dict(state_dict["table"])
+        self._placed = False
