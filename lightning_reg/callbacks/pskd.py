@@ -46,8 +46,10 @@ class PSKD(LossRegularizer):
 
     **Extension (not the paper).** ``teacher="ema"`` stores the prediction of an
     :class:`~lightning_reg.EMATeacher` (any callback with ``teacher_forward``)
-    on the clean input instead of the student's; until the teacher's first
-    update (``has_updated`` is ``False``) the student's prediction is stored.
+    on the clean input (``ctx.extras["clean_x"]``) instead of the student's.
+    Until the teacher's first update (its ``has_updated`` is ``False``) the
+    student's prediction is stored, unless an input-stage regularizer changed
+    the student's input, in which case the teacher is used from the start.
 
     **Composition.** PS-KD refines ``ctx.current_target()``, whatever the
     refiners before it produced:
@@ -58,10 +60,12 @@ class PSKD(LossRegularizer):
     Both orders are valid and deterministic. PS-KD changes only the *base*
     loss's target: loss terms (e.g. ELR, whose term uses its own table, and
     any term that reads ``ctx.labels``/``ctx.given_labels``) keep using the
-    hard labels. Two ``PSKD`` callbacks, or PS-KD with an input-stage
-    regularizer (mixup-like: a mixed input has no per-sample previous
-    prediction, and storing its prediction would corrupt the table), raise at
-    ``setup``.
+    hard labels. Input-stage regularizers (e.g. :class:`~lightning_reg.Mixup`)
+    mix the final target after PS-KD, which is correct for the target, but the
+    student's prediction on a mixed input is not any one sample's: so
+    ``PSKD(teacher="self")`` with an input-stage regularizer raises at
+    ``setup``; ``PSKD(teacher="ema")`` composes with it (the teacher sees the
+    clean input). Two ``PSKD`` callbacks also raise at ``setup``.
 
     Args:
         alpha_T: ``α_T`` in ``[0, 1]``, the final weight of the past predictions (paper: 0.8).
@@ -135,11 +139,13 @@ class PSKD(LossRegularizer):
     def conflicts_with(self, other: LossRegularizer) -> str | None:
         if isinstance(other, PSKD) and other is not self:
             return "PS-KD owns one table of previous predictions and one progressive target; keep a single `PSKD`"
-        if other.stage == "input":
+        if other.stage == "input" and self.teacher == "self":
             return (
-                f"`PSKD` stores each sample's prediction by dataset index, but the input-stage regularizer"
-                f" `{type(other).__name__}` changes the inputs (e.g. mixes samples), so the prediction would not"
-                " belong to the sample and the previous-prediction table would be corrupted; remove one of them"
+                f"`PSKD(teacher='self')` stores the student's prediction as each sample's previous prediction, but"
+                f" the input-stage regularizer `{type(other).__name__}` changes the inputs (e.g. mixes samples), so"
+                " that prediction would not belong to the sample and the table would be corrupted. Use"
+                " `PSKD(teacher='ema')` with an `EMATeacher` (the teacher runs on the clean input), or remove one of"
+                " them"
             )
         return super().conflicts_with(other)
 
@@ -193,8 +199,12 @@ class PSKD(LossRegularizer):
     def _predictions(self, ctx: StepContext) -> Tensor:
         """The rows to store for this step: the student's (default) or the EMA teacher's probabilities."""
         teacher = self._teacher
-        if self.teacher == "ema" and teacher is not None and bool(getattr(teacher, "has_updated", True)):
-            x = ctx.extras.get("clean_x")
+        if self.teacher != "ema" or teacher is None:
+            return ctx.probs()
+        x = ctx.extras.get("clean_x")
+        # Before its first update the teacher holds the initial weights: store the student's prediction
+        # instead, unless an input-stage regularizer changed the input the student saw.
+        if bool(getattr(teacher, "has_updated", True)) or ctx.x is not x:
             if x is None:
                 raise ValueError(
                     "`PSKD(teacher='ema')` runs the teacher on the batch's input, but none was given. Pass it to"

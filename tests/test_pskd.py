@@ -1,0 +1,371 @@
+"""PSKD: the soft target, its schedule, the table it keeps, composition, teachers and exact resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from lightning_reg.callbacks.label_smoothing import LabelSmoothing
+from lightning_reg.callbacks.pskd import PSKD
+from lightning_reg.core.protocol import LossRegularizer, StepContext, soft_cross_entropy
+from lightning_reg.data import IndexedDataset, ResumableDataLoader
+from lightning_reg.functional.label_smoothing import label_smoothing_targets
+from lightning_reg.functional.pskd import pskd_alpha, pskd_soft_targets, target_entropy
+from tests.helpers import NUM_CLASSES, TinyNet, assert_state_equal, fit, free_port, make_dataset, make_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recorder(LossRegularizer):
+    """A loss-stage probe: records every step's final target, hard labels, probabilities and index."""
+
+    name = "recorder"
+    stage = "loss"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[dict[str, Any]] = []
+
+    def loss_term(self, ctx: StepContext) -> Tensor | None:
+        trainer = ctx.module.trainer
+        self.steps.append(
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "index": ctx.index.clone(),  # type: ignore[union-attr]
+                "labels": ctx.labels.clone(),
+                "given": ctx.given_labels.clone(),
+                "target": None if ctx.target is None else ctx.target.clone(),
+                "probs": ctx.probs().clone(),
+                "logs": {k: float(v) for k, v in ctx.logs.items()},
+                "base": float(ctx.terms["base"].detach()),
+                "logits": ctx.logits.detach().clone(),  # type: ignore[union-attr]
+            }
+        )
+        return None
+
+
+def _onehot(y: Tensor) -> Tensor:
+    return F.one_hot(y, NUM_CLASSES).float()
+
+
+def _last_predictions(steps: list[dict[str, Any]], upto_epoch: int) -> dict[int, Tensor]:
+    """Sample index -> the probabilities of its last visit in epochs ``<= upto_epoch``."""
+    last: dict[int, Tensor] = {}
+    for s in steps:
+        if s["epoch"] <= upto_epoch:
+            for i, p in zip(s["index"].tolist(), s["probs"]):
+                last[i] = p
+    return last
+
+
+# -- functional core ---------------------------------------------------------------------------------
+def test_soft_target_and_gradient_hand_computed() -> None:
+    # logits (0, ln 2, 0) -> p = (1/4, 1/2, 1/4); label 1, previous prediction (0.2, 0.5, 0.3), alpha 0.5.
+    logits = torch.tensor([[0.0, math.log(2.0), 0.0]], requires_grad=True)
+    q = pskd_soft_targets(F.one_hot(torch.tensor([1]), 3).float(), torch.tensor([[0.2, 0.5, 0.3]]), 0.5)
+    torch.testing.assert_close(q, torch.tensor([[0.1, 0.75, 0.15]]))
+    loss = soft_cross_entropy(logits, q)
+    # -(0.1 ln 1/4 + 0.75 ln 1/2 + 0.15 ln 1/4) = 1.25 ln 2
+    torch.testing.assert_close(loss, torch.tensor(1.25 * math.log(2.0)))
+    loss.backward()
+    # dL/dz = p - q = (0.25 - 0.1, 0.5 - 0.75, 0.25 - 0.15)
+    torch.testing.assert_close(logits.grad, torch.tensor([[0.15, -0.25, 0.10]]))
+
+
+def test_soft_target_edge_cases() -> None:
+    y = F.one_hot(torch.tensor([0, 2]), 3).float()
+    prev = torch.tensor([[0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    torch.testing.assert_close(pskd_soft_targets(y, prev, 0.0), y)
+    torch.testing.assert_close(pskd_soft_targets(y, prev, 1.0), prev)
+    torch.testing.assert_close(pskd_soft_targets(y, prev, torch.tensor(0.25)), 0.75 * y + 0.25 * prev)
+    out = pskd_soft_targets(y, prev, 0.5, seen=torch.tensor([False, True]))
+    torch.testing.assert_close(out, torch.stack([y[0], 0.5 * y[1] + 0.5 * prev[1]]))
+    torch.testing.assert_close(out.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="same shape"):
+        pskd_soft_targets(y, prev[:, :2], 0.5)
+
+
+def test_alpha_schedule_and_entropy() -> None:
+    assert [pskd_alpha(t, 4, 0.8) for t in (1, 2, 3, 4, 5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8])
+    with pytest.raises(ValueError, match="max_epochs"):
+        pskd_alpha(1, 0, 0.8)
+    torch.testing.assert_close(target_entropy(torch.tensor([[1.0, 0.0], [0.5, 0.5]])), torch.tensor(math.log(2) / 2))
+
+
+# -- the callback in training ------------------------------------------------------------------------
+def test_first_epoch_is_plain_ce_and_later_targets_use_previous_predictions() -> None:
+    rec = Recorder()
+    cb = PSKD(alpha_T=0.8)
+    fit([cb, rec], TinyNet(), max_epochs=3)
+    torch.manual_seed(0)
+    _, plain = fit([], TinyNet(), max_epochs=1)
+    torch.manual_seed(0)
+    _, pskd_one = fit([PSKD(alpha_T=0.8)], TinyNet(), max_epochs=1)
+    # Epoch 0: every sample is unseen, so the target is the hard label and training equals plain CE.
+    assert_state_equal(plain.state_dict(), pskd_one.state_dict(), "epoch-0 weights")
+    for s in rec.steps:
+        alpha = 0.8 * (s["epoch"] + 1) / 3
+        assert s["logs"]["pskd/alpha"] == pytest.approx(alpha)
+        if s["epoch"] == 0:
+            torch.testing.assert_close(s["target"], _onehot(s["labels"]))
+            assert s["logs"]["pskd/target_entropy"] == 0.0
+            continue
+        last = _last_predictions([t for t in rec.steps if t["step"] < s["step"]], s["epoch"])
+        prev = torch.stack([last[i] for i in s["index"].tolist()])
+        expected = (1 - alpha) * _onehot(s["labels"]) + alpha * prev
+        torch.testing.assert_close(s["target"], expected)
+        assert s["logs"]["pskd/target_entropy"] == pytest.approx(float(target_entropy(expected)), rel=1e-5)
+        assert s["base"] == pytest.approx(float(soft_cross_entropy(s["logits"], expected)), rel=1e-5)
+    # The table holds each sample's last train-mode prediction (softmax at temperature 1).
+    final = _last_predictions(rec.steps, 2)
+    table = cb.table.dense()
+    assert cb.table.seen is not None and bool(cb.table.seen.all())
+    torch.testing.assert_close(table, torch.stack([final[i] for i in range(64)]))
+
+
+class _HalfFirstEpoch(Sampler[int]):
+    """Epoch 0 visits samples 0..31 only; later epochs visit all 64."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 32 if self.epoch == 0 else 64
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(32 if self.epoch == 0 else 64))
+
+
+def test_never_seen_samples_get_the_hard_label() -> None:
+    rec = Recorder()
+    ds = IndexedDataset(make_dataset(64))
+    loader = ResumableDataLoader(ds, batch_size=16, sampler=_HalfFirstEpoch())
+    fit([PSKD(alpha_T=0.8), rec], TinyNet(), loader, max_epochs=2)
+    later = [s for s in rec.steps if s["epoch"] == 1]
+    assert later, "epoch 1 did not run"
+    for s in later:
+        unseen = s["index"] >= 32
+        onehot = _onehot(s["labels"])
+        torch.testing.assert_close(s["target"][unseen], onehot[unseen])
+        assert not torch.allclose(s["target"][~unseen], onehot[~unseen]) or not bool((~unseen).any())
+
+
+def test_step_schedule_and_logged_metrics() -> None:
+    rec = Recorder()
+    trainer, _ = fit([PSKD(alpha_T=0.6, schedule_unit="step"), rec], TinyNet(), max_epochs=2)
+    total = 8
+    assert [s["logs"]["pskd/alpha"] for s in rec.steps] == pytest.approx([0.6 * (k + 1) / total for k in range(8)])
+    for key in ("pskd/alpha", "pskd/target_entropy", "train/loss_base", "train/loss"):
+        assert key in trainer.callback_metrics
+
+
+def test_custom_schedule_is_a_multiplier() -> None:
+    rec = Recorder()
+    fit([PSKD(alpha_T=0.5, schedule="constant"), rec], TinyNet(), max_epochs=2)
+    assert {s["logs"]["pskd/alpha"] for s in rec.steps} == {0.5}
+
+
+def test_epoch_schedule_needs_max_epochs() -> None:
+    with pytest.raises(ValueError, match="schedule_unit='step'"):
+        fit([PSKD()], TinyNet(), max_epochs=-1, max_steps=3)
+    trainer, _ = fit([PSKD(schedule_unit="step")], TinyNet(), max_epochs=-1, max_steps=3)
+    assert trainer.global_step == 3
+
+
+@pytest.mark.parametrize(("dtype", "topk"), [("bfloat16", None), ("float16", 2), ("float32", 2)])
+def test_compact_storage_modes(dtype: str, topk: int | None) -> None:
+    rec = Recorder()
+    cb = PSKD(table_dtype=dtype, topk=topk, table_device="cpu")  # type: ignore[arg-type]
+    fit([cb, rec], TinyNet(), max_epochs=2)
+    assert cb.table.values is not None and cb.table.values.dtype == getattr(torch, dtype)
+    assert cb.table.values.shape == (64, topk or NUM_CLASSES)
+    final = torch.stack([_last_predictions(rec.steps, 1)[i] for i in range(64)])
+    dense = cb.table.dense()
+    torch.testing.assert_close(dense.sum(1), torch.ones(64), atol=1e-2, rtol=0)
+    if topk is None:
+        torch.testing.assert_close(dense, final, atol=4e-3, rtol=0)
+    else:  # the k largest entries are kept (up to the dtype), the rest share the remaining mass
+        top, cols = final.topk(topk, dim=1)
+        torch.testing.assert_close(dense.gather(1, cols), top, atol=1e-3, rtol=0)
+
+
+def test_topk_must_be_below_num_classes() -> None:
+    with pytest.raises(ValueError, match="`topk` to be smaller than the number of columns"):
+        fit([PSKD(topk=NUM_CLASSES)], TinyNet(), max_epochs=1)
+
+
+# -- composition ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pskd_first", [True, False], ids=["pskd_then_ls", "ls_then_pskd"])
+def test_composes_with_label_smoothing_in_both_orders(pskd_first: bool) -> None:
+    rec = Recorder()
+    ls, pskd = LabelSmoothing(0.1), PSKD(alpha_T=0.8)
+    fit([pskd, ls, rec] if pskd_first else [ls, pskd, rec], TinyNet(), max_epochs=2)
+    for s in rec.steps:
+        y = _onehot(s["labels"])
+        alpha = s["logs"]["pskd/alpha"]
+        if s["epoch"] == 0:
+            prev_part = y if pskd_first else label_smoothing_targets(y, 0.1)
+        else:
+            last = _last_predictions([t for t in rec.steps if t["step"] < s["step"]], 1)
+            prev = torch.stack([last[i] for i in s["index"].tolist()])
+            if pskd_first:
+                prev_part = (1 - alpha) * y + alpha * prev
+            else:
+                prev_part = (1 - alpha) * label_smoothing_targets(y, 0.1) + alpha * prev
+        expected = label_smoothing_targets(prev_part, 0.1) if pskd_first else prev_part
+        torch.testing.assert_close(s["target"], expected)
+        # Hard-label loss terms still see the given labels: PS-KD only changes the base loss's target.
+        assert torch.equal(s["labels"], s["given"])
+
+
+def test_two_pskd_conflict() -> None:
+    reason = PSKD().conflicts_with(PSKD(alpha_T=0.5))
+    assert reason is not None and "keep a single `PSKD`" in reason
+    # In a Trainer, Lightning's own unique-state-key check already refuses the pair.
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `PSKD`"):
+        fit([PSKD(), PSKD(alpha_T=0.5)], TinyNet(), max_epochs=1)
+
+
+class _Shift(LossRegularizer):
+    """A toy input-stage regularizer (like mixup, it changes the input)."""
+
+    name = "shift"
+    stage = "input"
+
+    def transform_input(self, ctx: StepContext) -> None:
+        ctx.x = ctx.x + 0.5
+
+
+class _StubTeacher(L.Callback):
+    """A minimal ``teacher_forward`` provider: a fixed random linear map, 'updated' after ``updates_after`` steps."""
+
+    def __init__(self, updates_after: int = 0) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.weight = torch.randn(64, NUM_CLASSES, generator=g)
+        self.updates_after = updates_after
+        self.has_updated = updates_after == 0
+        self.calls = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.has_updated = trainer.global_step >= self.updates_after
+
+    def teacher_forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x.flatten(1) @ self.weight
+
+
+def test_input_stage_conflicts_with_self_teacher_only() -> None:
+    with pytest.raises(ValueError, match=r"teacher='ema'"):
+        fit([PSKD(), _Shift()], TinyNet(), max_epochs=1)
+    with pytest.raises(ValueError, match="input-stage regularizer `_Shift`"):
+        fit([_Shift(), PSKD()], TinyNet(), max_epochs=1)
+    # With a teacher the table stores the teacher's predictions on the clean input, which stay per-sample.
+    teacher, cb = _StubTeacher(updates_after=100), PSKD(teacher="ema")
+    fit([_Shift(), cb, teacher], TinyNet(), make_loader(shuffle=False), max_epochs=1)
+    x = make_dataset(64).tensors[0]
+    torch.testing.assert_close(cb.table.dense(), torch.softmax(teacher.teacher_forward(x), -1))
+
+
+def test_composes_with_mixup_when_using_a_teacher() -> None:
+    mixup_mod = pytest.importorskip("lightning_reg.callbacks.mixup")
+    with pytest.raises(ValueError, match="Conflicting regularizers"):
+        fit([PSKD(), mixup_mod.Mixup()], TinyNet(), max_epochs=1)
+    trainer, _ = fit([PSKD(teacher="ema"), mixup_mod.Mixup(), _StubTeacher()], TinyNet(), max_epochs=2)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_ema_teacher_option() -> None:
+    with pytest.raises(ValueError, match="Add `EMATeacher"):
+        fit([PSKD(teacher="ema")], TinyNet(), max_epochs=1)
+    # Updated teacher: the table holds its predictions on the clean input, not the student's.
+    x = make_dataset(64).tensors[0]
+    teacher, cb = _StubTeacher(), PSKD(teacher="ema")
+    fit([cb, teacher], TinyNet(), make_loader(shuffle=False), max_epochs=1)
+    torch.testing.assert_close(cb.table.dense(), torch.softmax(teacher.teacher_forward(x), -1))
+    # Before the teacher's first update, the student's own predictions are stored.
+    rec, teacher, cb = Recorder(), _StubTeacher(updates_after=100), PSKD(teacher="ema")
+    fit([cb, teacher, rec], TinyNet(), make_loader(shuffle=False), max_epochs=1)
+    assert teacher.calls == 0
+    torch.testing.assert_close(cb.table.dense(), torch.cat([s["probs"] for s in rec.steps]))
+
+
+def test_ema_teacher_when_present() -> None:
+    ema = pytest.importorskip("lightning_reg.callbacks.ema")
+    cb = PSKD(teacher="ema")
+    trainer, _ = fit([ema.EMATeacher(), cb], TinyNet(), max_epochs=2)
+    assert cb.table.seen is not None and bool(cb.table.seen.all())
+    assert math.isfinite(float(trainer.callback_metrics["pskd/target_entropy"]))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+def test_mid_epoch_resume_restores_alpha_and_table(tmp_path: Path) -> None:
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    full_rec, full = Recorder(), PSKD(alpha_T=0.8, table_dtype="bfloat16")
+    fit([full, full_rec, ckpt_cb], TinyNet(), max_epochs=3, enable_checkpointing=True)
+    state = torch.load(tmp_path / "step=6.ckpt", weights_only=False)
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("PSKD"))
+    assert saved["version"] == 1 and saved["table"]["values"].dtype == torch.bfloat16
+    assert int(saved["table"]["seen"].sum()) == 64  # step 6 is mid epoch 1: every sample was seen in epoch 0
+    res_rec, resumed = Recorder(), PSKD(alpha_T=0.8, table_dtype="bfloat16")
+    fit([resumed, res_rec], TinyNet(), ckpt_path=str(tmp_path / "step=6.ckpt"), max_epochs=3)
+    assert [s["step"] for s in res_rec.steps] == list(range(6, 12))
+    after = [s for s in full_rec.steps if s["step"] >= 6]
+    assert [s["logs"]["pskd/alpha"] for s in res_rec.steps] == [s["logs"]["pskd/alpha"] for s in after]
+    for a, b in zip(after, res_rec.steps):
+        torch.testing.assert_close(a["target"], b["target"], atol=0, rtol=0)
+    assert torch.equal(full.table.values, resumed.table.values)  # type: ignore[arg-type]
+    assert torch.equal(full.table.seen, resumed.table.seen)  # type: ignore[arg-type]
+
+
+def test_state_dict_round_trip_and_version() -> None:
+    cb = PSKD(topk=2)
+    fit([cb], TinyNet(), max_epochs=1)
+    other = PSKD(topk=2)
+    other.load_state_dict(cb.state_dict())
+    assert_state_equal(cb.state_dict(), other.state_dict())
+    with pytest.raises(ValueError, match="version"):
+        other.load_state_dict({**cb.state_dict(), "version": 99})
+    with pytest.raises(ValueError, match="topk"):
+        PSKD(topk=3).load_state_dict(cb.state_dict())
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~60 s on a loaded 2-core box; the conformance suite's `test_ddp_two_process_cpu[pskd]` runs it
+def test_ddp_table_equals_single_process_with_padding(tmp_path: Path) -> None:
+    """2-rank DDP on 61 samples (DistributedSampler pads index 0 twice) gives the single-process table."""
+    from tests.conformance.ddp_worker import run as run_worker
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.conformance.ddp_worker", "pskd", str(tmp_path), "ddp"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tables = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=False)["callbacks"][0]["table"] for r in (0, 1)]
+    single = run_worker("pskd", str(tmp_path), "single")["callbacks"][0]["table"]
+    assert tables[0]["num_samples"] == 61 and bool(tables[0]["seen"].all())
+    assert torch.equal(tables[0]["values"], tables[1]["values"])
+    torch.testing.assert_close(tables[0]["values"], single["values"], atol=1e-6, rtol=1e-5)
+    assert torch.equal(tables[0]["seen"], single["seen"])
