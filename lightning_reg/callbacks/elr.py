@@ -1,0 +1,336 @@
+"""``ELR``: early-learning regularization against noisy labels, with label-noise diagnostics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from lightning_reg.callbacks.mixup import Mixup
+from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
+from lightning_reg.core.schedules import ScheduleLike, get_schedule
+from lightning_reg.core.table import PerSampleTable
+from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
+from lightning_reg.functional.elr import elr_clamped_probs, elr_mixed_targets, elr_regularizer, elr_updated_targets
+from lightning_reg.metrics.noise import SuspectedLabels, label_noise_scores, suspected_mislabeled, write_suspected_csv
+
+__all__ = ["ELR"]
+
+
+class ELR(LossRegularizer):
+    r"""Early-learning regularization (Liu et al., NeurIPS 2020): resist memorizing noisy labels.
+
+    Every training step, for the batch's samples (dataset indices ``i``), it
+
+    1. computes :math:`p_i = \mathrm{clamp}(\mathrm{softmax}(z_i), 10^{-4}, 1-10^{-4})`;
+    2. updates the per-sample temporal-ensemble target
+       :math:`t_i \leftarrow \beta t_i + (1-\beta)\,\hat p_i / \sum_c \hat p_{ic}`
+       (:math:`\hat p` detached; :math:`t` starts at zero);
+    3. adds :math:`\lambda_t \cdot \frac1B \sum_i \log(1 - \langle t_i, p_i\rangle)` to the loss, using the
+       targets just updated (as the reference code does). The gradient flows through :math:`p` only.
+
+    The cross-entropy is the module's base loss (``train/loss_base``); ELR's
+    term is logged separately as ``train/loss_elr``. **The term is negative**
+    (it approaches :math:`\lambda \log 10^{-4} \approx -9.2\lambda` as the model agrees with its
+    targets), so the total ``train/loss`` goes negative and must not be used
+    for early stopping or checkpoint selection; monitor ``train/loss_base`` or
+    a validation metric instead.
+
+    The targets live in a :class:`~lightning_reg.PerSampleTable`: they are
+    checkpointed (the reference code loses them on resume), synchronised
+    across DDP ranks (every rank holds the same table, equal to one process
+    that saw the same samples), and can be stored compactly
+    (``table_dtype``, ``topk``, ``table_device``). The given labels are kept
+    in a second, scalar table, so :meth:`suspected_labels`,
+    :meth:`write_suspected_csv` and :meth:`diagnostics` work after training
+    with no extra input.
+
+    **ELR+ extensions** (off by default; Liu et al., Sec. 4.2 and Appendix):
+
+    * ``teacher="ema"``: the target update uses the predictions of the
+      :class:`~lightning_reg.EMATeacher` (its ``teacher_forward``) on the
+      un-mixed input ``ctx.extras["clean_x"]``, instead of the student's own.
+      Until the teacher's first update (its ``has_updated`` is ``False``) the
+      student's predictions are used.
+    * ``lam_schedule="sigmoid_rampup"`` (any shared schedule) ramps
+      :math:`\lambda_t = \lambda \cdot s(\text{step or epoch}, \text{ramp\_length})`.
+    * With :class:`~lightning_reg.Mixup` before it (``ctx.extras["mixup"] = (π, λ_mix)``),
+      the term uses the mixed target :math:`\lambda_\text{mix} t_i + (1-\lambda_\text{mix}) t_{\pi(i)}`
+      against the prediction on the mixed input, as ELR+ does, while the
+      table is updated from predictions on the *clean* input. The student's
+      predictions on a mixed input say nothing about one sample, so mixup
+      requires ``teacher="ema"`` (a clear error at ``setup`` otherwise).
+      Before the teacher's first update, the clean predictions then come from
+      one extra no-grad forward pass of the student.
+
+    Args:
+        beta: The temporal-ensembling momentum :math:`\beta \in [0, 1)`; the paper uses 0.7 (CIFAR-10
+            symmetric noise) or 0.9 (asymmetric noise, CIFAR-100) and finds it robust.
+        lam: The weight :math:`\lambda \ge 0`; 3 (CIFAR-10 symmetric), 1 (asymmetric), 7 (CIFAR-100).
+            It needs tuning.
+        num_samples: The training-set size (rows of the table); inferred from the train dataloader if ``None``.
+        lam_schedule: A multiplier on ``lam``: ``"constant"`` (default), ``"sigmoid_rampup"`` (ELR+),
+            or any :mod:`~lightning_reg.core.schedules` name or instance.
+        ramp_length: The schedule's length in ``ramp_unit`` (``None``: the whole run; 0: no ramp).
+        ramp_unit: ``"epoch"`` (Lightning's ``current_epoch``) or ``"step"`` (``global_step``, as ELR+'s
+            ``coef_step``).
+        teacher: ``"none"`` (the student's own predictions update the targets) or ``"ema"`` (ELR+).
+        table_dtype: Storage dtype of the targets: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        table_device: ``"auto"`` (the module's device), ``"cpu"`` (host memory) or a device string.
+        topk: Store only the ``topk`` largest entries of each target row (``None``: dense).
+
+    Compact storage: bf16 rounding can make a stored row sum slightly above
+    one, so rows read from a bf16/fp16 or top-k table are rescaled to sum at
+    most one (keeping :math:`1 - \langle t, p\rangle > 0`). Top-k rows spread
+    the mass they drop uniformly, which also fills the missing mass
+    :math:`\beta^k` of a sample seen only ``k`` times: its target reaches a
+    full distribution sooner than with dense storage.
+
+    Logged metrics:
+
+    =====================  =======================================================================
+    ``train/loss_elr``      the ELR term (negative; logged by the mixin)
+    ``train/loss_base``     the cross-entropy (logged by the mixin)
+    ``elr/lam``             the current weight :math:`\lambda_t`
+    ``elr/disagreement``    fraction of the batch whose target argmax differs from the given label
+    =====================  =======================================================================
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[ELR(beta=0.7, lam=3.0)], logger=False)
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_reg.ELR
+              init_args: {beta: 0.7, lam: 3.0}
+    """
+
+    name = "elr"
+    stage = "loss"
+    requires_index = True
+    version = 1
+
+    def __init__(
+        self,
+        beta: float = 0.7,
+        lam: float = 3.0,
+        num_samples: int | None = None,
+        lam_schedule: ScheduleLike = "constant",
+        ramp_length: int | None = None,
+        ramp_unit: Literal["epoch", "step"] = "epoch",
+        teacher: Literal["none", "ema"] = "none",
+        table_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        table_device: str = "auto",
+        topk: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.beta = check_float("beta", beta, 0.0, 1.0, high_inclusive=False)
+        self.lam = check_float("lam", lam, 0.0)
+        self.num_samples = check_optional_int("num_samples", num_samples, low=1)
+        self.lam_schedule = get_schedule(lam_schedule, "lam_schedule")
+        self.ramp_length = None if ramp_length is None else check_int("ramp_length", ramp_length, low=0)
+        self.ramp_unit = check_choice("ramp_unit", ramp_unit, ["epoch", "step"])
+        self.teacher = check_choice("teacher", teacher, ["none", "ema"])
+        self.table_dtype = check_choice("table_dtype", table_dtype, ["float32", "bfloat16", "float16"])
+        if not isinstance(table_device, str):
+            raise TypeError(f"Expected argument `table_device` to be a str, but got {table_device!r}.")
+        self.table_device = table_device
+        self.topk = check_optional_int("topk", topk, low=1)
+        self.table = PerSampleTable(
+            self.num_samples, dtype=self.table_dtype, device=self.table_device, topk=self.topk, fill=0.0
+        )
+        # The given labels, so the diagnostics need no extra input; fp32 holds class ids exactly.
+        self.label_table = PerSampleTable(self.num_samples, None, dtype="float32", device=self.table_device, fill=-1.0)
+        self._teacher: TeacherProvider | None = None
+        self._labels_complete = False
+        self._ramp_total: float | None = None
+        self._global_rank = 0
+        self._ready = False
+        self._compact = self.table_dtype != "float32" or self.topk is not None
+
+    # -- setup ----------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._global_rank = int(trainer.global_rank)
+        self._ready = False
+        self._teacher = None
+        if self.teacher == "ema":
+            self._teacher = find_teacher(trainer)
+            if self._teacher is None:
+                raise ValueError(
+                    "`ELR(teacher='ema')` computes its targets with an EMA teacher, but the Trainer has no callback"
+                    " with `teacher_forward`. Add one, e.g. `callbacks=[EMATeacher(decay=0.997), ELR(teacher='ema')]`,"
+                    " or use `teacher='none'`."
+                )
+        elif any(isinstance(cb, Mixup) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            raise ValueError(
+                "`ELR` with `Mixup` needs predictions on the un-mixed inputs to update its per-sample targets (the"
+                " student only sees mixed inputs), as in ELR+. Use `ELR(teacher='ema')` together with an"
+                " `EMATeacher`, or remove `Mixup`."
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ramp_total = None
+        if self.ramp_length is not None:
+            self._ramp_total = float(self.ramp_length)
+        elif self.ramp_unit == "epoch":
+            self._ramp_total = float(max(int(trainer.max_epochs or 1), 1))
+        else:
+            self._ramp_total = float(trainer.estimated_stepping_batches)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Once every sample's label is stored, stop re-writing labels (saves the DDP gathers). One sync per epoch.
+        if not self._labels_complete and self.label_table.seen is not None:
+            self._labels_complete = bool(self.label_table.seen.all())
+
+    # -- schedule -------------------------------------------------------------
+    def current_lam(self, trainer: Trainer) -> float:
+        r""":math:`\lambda_t = \lambda \cdot` ``lam_schedule(position, ramp_length)``: a pure function of the step."""
+        position = trainer.global_step if self.ramp_unit == "step" else trainer.current_epoch
+        total = self._ramp_total
+        if total is None:
+            total = float(self.ramp_length) if self.ramp_length is not None else float(trainer.max_epochs or 1)
+        return self.lam * self.lam_schedule(position, total)
+
+    # -- the step -------------------------------------------------------------
+    def _allocate(self, trainer: Trainer, ctx: StepContext) -> None:
+        """Create (or move a loaded) table once per fit, when the number of classes is known."""
+        if self._ready:
+            return
+        assert ctx.logits is not None
+        n = self.num_samples or self.table.num_samples or infer_num_samples(trainer, type(self).__name__)
+        self.table.allocate(n, ctx.num_classes, device=ctx.logits.device)
+        self.label_table.allocate(n, None, device=ctx.logits.device)
+        self._ready = True
+
+    def _update_probs(self, ctx: StepContext) -> Tensor:
+        """Detached, clamped predictions on the clean inputs, which update the targets."""
+        assert ctx.logits is not None
+        mixed = "mixup" in ctx.extras
+        if self._teacher is not None and getattr(self._teacher, "has_updated", True):
+            clean_x = ctx.extras.get("clean_x")
+            if clean_x is None:
+                raise ValueError(
+                    "`ELR(teacher='ema')` runs the teacher on the batch input, but none was given. In your own"
+                    " `training_step`, call `self.regularized_loss(logits, y, index, x=x)`."
+                )
+            return elr_clamped_probs(self._teacher.teacher_forward(clean_x).detach())
+        if mixed:
+            if self.teacher == "none":
+                raise RuntimeError(
+                    "`ELR` got a mixed batch (`ctx.extras['mixup']`) but has no teacher for predictions on the clean"
+                    " inputs. Use `ELR(teacher='ema')` with an `EMATeacher`."
+                )
+            with torch.no_grad():  # before the teacher's first update: the student on the clean input
+                return elr_clamped_probs(ctx.module(ctx.extras["clean_x"]).detach())
+        return elr_clamped_probs(ctx.logits.detach())
+
+    def loss_term(self, ctx: StepContext) -> Tensor:
+        index = ctx.require_index(type(self).__name__)
+        trainer = ctx.module.trainer
+        self._allocate(trainer, ctx)
+        assert ctx.logits is not None
+        strategy = trainer.strategy
+        old, _ = self.table.read(index, device=ctx.logits.device)
+        if self._compact:
+            old = old / old.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        new = elr_updated_targets(old, self._update_probs(ctx), self.beta)
+        self.table.write(index, new, strategy=strategy)
+        if not self._labels_complete:
+            self.label_table.write(index, ctx.given_labels.float(), strategy=strategy)
+        target = new
+        mix = ctx.extras.get("mixup")
+        if mix is not None:
+            perm, mix_lam = mix
+            target = elr_mixed_targets(new, perm, mix_lam)
+        lam_t = self.current_lam(trainer)
+        ctx.logs[f"{self.name}/lam"] = lam_t
+        ctx.logs[f"{self.name}/disagreement"] = (new.argmax(dim=-1) != ctx.given_labels).float().mean()
+        return elr_regularizer(ctx.logits, target, lam=lam_t)
+
+    # -- diagnostics ----------------------------------------------------------
+    def _require_table(self) -> None:
+        if not self.table.is_allocated or not self.label_table.is_allocated:
+            raise RuntimeError("`ELR` has no targets yet: train (or load a checkpoint) first.")
+
+    @property
+    def targets(self) -> Tensor:
+        """The ``(N, C)`` fp32 ELR targets (dense copy; zeros for samples never seen)."""
+        self._require_table()
+        return self.table.dense()
+
+    @property
+    def given_labels(self) -> Tensor:
+        """The ``(N,)`` labels training saw (``-1`` for samples never seen)."""
+        self._require_table()
+        return self.label_table.dense().long()
+
+    @property
+    def seen(self) -> Tensor:
+        """``(N,)`` bool: samples that have a target and a stored label."""
+        self._require_table()
+        assert self.table.seen is not None and self.label_table.seen is not None
+        return self.table.seen & self.label_table.seen
+
+    def suspected_labels(self, min_confidence: float = 0.0) -> SuspectedLabels:
+        """Samples whose ELR target's argmax differs from the given label, most confident first.
+
+        Args:
+            min_confidence: Keep only suspects whose normalised target gives the suggested label at least this
+                probability.
+        """
+        self._require_table()
+        return suspected_mislabeled(self.targets, self.given_labels.clamp_min(0), self.seen, min_confidence)
+
+    def write_suspected_csv(
+        self, path: str | Path, min_confidence: float = 0.0, class_names: list[str] | None = None
+    ) -> int:
+        """Write :meth:`suspected_labels` as CSV (``index,given_label,suggested_label,confidence``).
+
+        Under DDP only global rank zero writes (every rank holds the same table).
+
+        Returns:
+            The number of rows written (0 on the other ranks).
+        """
+        suspects = self.suspected_labels(min_confidence)
+        if self._global_rank != 0:
+            return 0
+        return write_suspected_csv(path, suspects, class_names)
+
+    def diagnostics(self, noise_mask: Tensor | None = None, predictions: Tensor | None = None) -> dict[str, float]:
+        """Label-noise scores of the targets (see :mod:`lightning_reg.metrics.noise`), over the seen samples.
+
+        Args:
+            noise_mask: ``(N,)`` bool, ``True`` where the given label is wrong (when known).
+            predictions: ``(N,)`` classes or ``(N, C)`` scores of the model on the training set.
+        """
+        seen = self.seen
+        targets, labels = self.targets, self.given_labels
+        dev = targets.device
+        mask = None if noise_mask is None else noise_mask.to(dev)[seen]
+        preds = None if predictions is None else predictions.to(dev)[seen]
+        scores = label_noise_scores(targets[seen], labels[seen], mask, preds)
+        return {k: float(v) for k, v in scores.items()}
+
+    # -- state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "targets": self.table.state_dict(),
+            "labels": self.label_table.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != self.version:
+            raise ValueError(
+                f"Expected an `ELR` state of version {self.version}, but got {state_dict.get('version')!r}."
+            )
+        self.table.load_state_dict(state_dict["targets"])
+        self.label_table.load_state_dict(state_dict["labels"])
+        self._labels_complete = False
+        self._ready = False
