@@ -1,0 +1,323 @@
+r"""Consistency regularization against label noise and ADELE's end-of-early-learning detector.
+
+The consistency term (UDA, Mean Teacher, MIC, ADELE) pulls the model's
+prediction on a perturbed view :math:`\tilde x_i` towards a stop-gradient
+target :math:`q_i`, the prediction of a teacher (or of the model itself) on the
+clean or weakly augmented view:
+
+.. math:: \mathcal L_\text{cons} = w(t)\cdot\frac1B\sum_{i=1}^{B} m_i\,
+          D\!\left(\mathrm{sg}(q_i)\,\|\,p(\tilde x_i)\right),\qquad
+          m_i = \mathbb 1\!\left[\max_c q_{ic} \ge \text{threshold}\right]
+
+The mean runs over *all* ``B`` samples, masked ones included (UDA), so the
+threshold lowers the term's scale as well as selecting samples.
+
+Label correction (ADELE) watches, per class, the agreement between the model's
+predictions and the given labels over epochs, fits
+:math:`f(x) = a\,(1 - e^{-x^b / c})` to it, and starts correcting a class once
+the fitted slope has dropped by a relative ``r = 0.9`` from its value at the
+first epoch: early learning has ended and memorization of the noisy labels is
+about to start.
+
+Papers: UDA https://arxiv.org/abs/1904.12848, Mean Teacher
+https://arxiv.org/abs/1703.01780, MIC https://arxiv.org/abs/2212.01322, ADELE
+https://arxiv.org/abs/2110.03740.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "class_agreement_counts",
+    "class_iou",
+    "confidence_mask",
+    "consistency_divergence",
+    "consistency_loss",
+    "early_learning_curve",
+    "early_learning_curve_slope",
+    "early_learning_end_epoch",
+    "end_of_early_learning",
+    "fit_early_learning_curve",
+    "sharpen",
+]
+
+Divergence = Literal["kl", "mse"]
+
+
+def sharpen(probs: Tensor, temperature: float) -> Tensor:
+    r"""Sharpen a distribution with temperature :math:`\tau`: :math:`q_c \propto p_c^{1/\tau}`.
+
+    Equal to ``softmax(z / τ)`` when ``probs = softmax(z)`` (UDA's sharpened
+    target). ``τ = 1`` returns the input; ``τ < 1`` sharpens. Computed in fp32
+    in log space.
+
+    Args:
+        probs: ``(B, C)`` probabilities.
+        temperature: ``τ > 0``.
+
+    Example:
+        >>> sharpen(torch.tensor([[0.6, 0.4]]), 0.5)
+        tensor([[0.6923, 0.3077]])
+    """
+    if temperature <= 0:
+        raise ValueError(f"Expected argument `temperature` to be a float in (0, inf), but got {temperature}.")
+    if temperature == 1.0:
+        return probs.float()
+    logp = torch.log(probs.float().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.softmax(logp / temperature, dim=-1)
+
+
+def confidence_mask(probs: Tensor, threshold: float) -> Tensor:
+    r"""The confidence mask :math:`m_i = \mathbb 1[\max_c p_{ic} \ge \text{threshold}]` as fp32.
+
+    Example:
+        >>> confidence_mask(torch.tensor([[0.9, 0.1], [0.6, 0.4]]), 0.8)
+        tensor([1., 0.])
+    """
+    return (probs.float().amax(dim=-1) >= threshold).float()
+
+
+def consistency_divergence(student_logits: Tensor, teacher_probs: Tensor, divergence: Divergence = "kl") -> Tensor:
+    r"""Per-sample divergence :math:`D(q_i \,\|\, p_i)` between a target ``q`` and ``p = softmax(z)``, in fp32.
+
+    * ``"kl"``: :math:`\sum_c q_c(\log q_c - \log p_c)` (with :math:`0 \log 0 = 0`);
+    * ``"mse"``: Mean Teacher's softmax MSE, :math:`\frac1C\sum_c (q_c - p_c)^2`.
+
+    The target carries no gradient.
+
+    Args:
+        student_logits: ``(B, C)`` logits of the perturbed view.
+        teacher_probs: ``(B, C)`` target distributions.
+        divergence: ``"kl"`` or ``"mse"``.
+
+    Returns:
+        ``(B,)`` divergences.
+
+    Example:
+        >>> z = torch.log(torch.tensor([[0.5, 0.5]]))
+        >>> consistency_divergence(z, torch.tensor([[1.0, 0.0]]), "kl")
+        tensor([0.6931])
+        >>> consistency_divergence(z, torch.tensor([[1.0, 0.0]]), "mse")
+        tensor([0.2500])
+    """
+    q = teacher_probs.detach().float()
+    if divergence == "kl":
+        logp = F.log_softmax(student_logits.float(), dim=-1)
+        return (torch.xlogy(q, q) - q * logp).sum(dim=-1)
+    if divergence == "mse":
+        p = torch.softmax(student_logits.float(), dim=-1)
+        return (q - p).pow(2).mean(dim=-1)
+    raise ValueError(f"Expected argument `divergence` to be one of ['kl', 'mse'], but got {divergence!r}.")
+
+
+def consistency_loss(
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    mask: Tensor | None = None,
+    divergence: Divergence = "kl",
+) -> Tensor:
+    r"""The masked consistency loss :math:`\frac1B\sum_i m_i\, D(\mathrm{sg}(q_i) \,\|\, p(\tilde x_i))`.
+
+    The mean runs over all ``B`` samples, masked ones included. Multiply by
+    the weight :math:`w(t)` outside.
+
+    Args:
+        student_logits: ``(B, C)`` logits of the perturbed view (any float dtype; computed in fp32).
+        teacher_probs: ``(B, C)`` (sharpened) target, detached.
+        mask: ``(B,)`` per-sample weights ``m_i`` (e.g. from :func:`confidence_mask`), or ``None`` for all ones.
+        divergence: ``"kl"`` or ``"mse"`` (see :func:`consistency_divergence`).
+
+    Example:
+        >>> z = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+        >>> q = torch.tensor([[1.0, 0.0], [0.9, 0.1]])
+        >>> consistency_loss(z, q, mask=torch.tensor([1.0, 0.0]))  # (log 2 + 0) / 2
+        tensor(0.3466)
+    """
+    d = consistency_divergence(student_logits, teacher_probs, divergence)
+    if mask is not None:
+        d = d * mask.to(d.dtype)
+    return d.mean()
+
+
+# -- label correction (ADELE) -------------------------------------------------------------------------------------
+
+
+def class_agreement_counts(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Per-class ``[true positives, predicted count, label count]`` of predictions against labels, as ``(3, C)``.
+
+    Built with ``scatter_add_`` (no host sync), so it can run every step.
+
+    Example:
+        >>> class_agreement_counts(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2)
+        tensor([[1, 1],
+                [1, 2],
+                [2, 1]])
+    """
+    counts = torch.zeros(3, num_classes, dtype=torch.long, device=labels.device)
+    counts[0].scatter_add_(0, labels, (pred == labels).long())
+    counts[1].scatter_add_(0, pred, torch.ones_like(pred))
+    counts[2].scatter_add_(0, labels, torch.ones_like(labels))
+    return counts
+
+
+def class_iou(counts: Tensor) -> Tensor:
+    r"""Per-class IoU :math:`\frac{TP}{|\hat y = c| + |y = c| - TP}` from :func:`class_agreement_counts` (0 if empty).
+
+    ADELE's agreement measure between the predictions and the given labels.
+
+    Example:
+        >>> class_iou(torch.tensor([[1, 1], [1, 2], [2, 1]]))
+        tensor([0.5000, 0.5000])
+    """
+    tp, npred, nlab = counts.double()
+    union = npred + nlab - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.zeros_like(tp)).float()
+
+
+def early_learning_curve(x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    r"""ADELE's model of the agreement curve, :math:`f(x) = a\,(1 - e^{-x^b / c})`.
+
+    Example:
+        >>> early_learning_curve(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0))
+        tensor(0.6321)
+    """
+    return a * (1.0 - torch.exp(-(x**b) / c))
+
+
+def early_learning_curve_slope(x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    r"""The derivative :math:`f'(x) = \frac{ab}{c}\, x^{b-1} e^{-x^b / c}` (ADELE adds ``1e-6`` to ``x``).
+
+    Example:
+        >>> one = torch.tensor(1.0, dtype=torch.float64)
+        >>> round(float(early_learning_curve_slope(one, one, one, one)), 4)
+        0.3679
+    """
+    x = x + 1e-6
+    return a * b / c * torch.exp(-(x**b) / c) * x ** (b - 1.0)
+
+
+def fit_early_learning_curve(y: Tensor, x: Tensor | None = None, max_iter: int = 500) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Fit :math:`f(x) = a(1 - e^{-x^b/c})` to one or several agreement curves, as ADELE does.
+
+    ADELE fits with ``scipy.optimize.curve_fit`` under the bounds
+    :math:`a, b \in [0, 1]`, :math:`c \ge 0` and the per-point uncertainties
+    ``σ = geomspace(1, 0.1, T)`` (later points weigh up to 100× more). This is
+    the same weighted least squares, solved in pure torch (fp64, L-BFGS with
+    a strong-Wolfe line search) for all curves at once with the bounds as
+    reparametrisations :math:`a = \mathrm{sigmoid}(\alpha)`,
+    :math:`b = \mathrm{sigmoid}(\beta)`, :math:`c = e^{\gamma}`. It is
+    deterministic, so every DDP rank gets the same fit.
+
+    Args:
+        y: ``(T,)`` or ``(T, C)`` agreement values in ``[0, 1]``, one row per epoch.
+        x: ``(T,)`` abscissae; default ``1, 2, …, T`` (the agreement after each epoch).
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        ``(a, b, c)``, each ``(C,)`` (or scalars for a 1-D ``y``), fp64.
+
+    Example:
+        >>> x = torch.arange(1, 9, dtype=torch.float64)
+        >>> a, b, c = fit_early_learning_curve(early_learning_curve(x, 0.8, 0.6, 1.5))
+        >>> [round(float(v), 3) for v in (a, b, c)]
+        [0.8, 0.6, 1.5]
+    """
+    squeeze = y.dim() == 1
+    yy = (y.unsqueeze(1) if squeeze else y).detach().to("cpu", torch.float64)
+    t = yy.shape[0]
+    xx = torch.arange(1, t + 1, dtype=torch.float64) if x is None else x.detach().to("cpu", torch.float64)
+    xx = xx.unsqueeze(1)
+    inv_var = torch.logspace(0, -1, t, dtype=torch.float64).pow(-2).unsqueeze(1)
+    with torch.inference_mode(False), torch.enable_grad():
+        a0 = yy.amax(dim=0).clamp(0.05, 0.95)
+        params = torch.stack([torch.logit(a0), torch.zeros_like(a0), torch.zeros_like(a0)]).requires_grad_(True)
+        opt = torch.optim.LBFGS(
+            [params],
+            lr=1.0,
+            max_iter=max_iter,
+            tolerance_grad=1e-12,
+            tolerance_change=1e-15,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            a, b, c = torch.sigmoid(params[0]), torch.sigmoid(params[1]), torch.exp(params[2])
+            loss = (inv_var * (early_learning_curve(xx, a, b, c) - yy).pow(2)).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        p = params.detach()
+    a, b, c = torch.sigmoid(p[0]), torch.sigmoid(p[1]), torch.exp(p[2])
+    if squeeze:
+        return a[0], b[0], c[0]
+    return a, b, c
+
+
+def early_learning_end_epoch(a: Tensor, b: Tensor, c: Tensor, r: float = 0.9, horizon: int = 1000) -> Tensor:
+    r"""ADELE's update epoch: one plus the number of epochs whose relative slope change is at most ``r``.
+
+    .. math:: \delta(e) = \frac{|f'(e) - f'(1)|}{f'(1)},\qquad
+              e^\star = 1 + \#\{e \in \{1, \dots, \text{horizon} - 1\} : \delta(e) \le r\}
+
+    (values :math:`\delta > 1` count as 0, as in ADELE's code). For the
+    decreasing slopes the bounds allow, :math:`e^\star` is the first epoch at
+    which the slope has fallen below :math:`(1 - r)` of its value at epoch 1.
+
+    Args:
+        a, b, c: Fitted parameters, ``(C,)`` or scalars.
+        r: The relative-change threshold (ADELE: 0.9).
+        horizon: ADELE's ``n_epoch``: the last epoch considered is ``horizon - 1``.
+
+    Returns:
+        The update epochs as ``long``, shaped like ``a``.
+
+    Example:
+        >>> one = torch.tensor(1.0, dtype=torch.float64)
+        >>> int(early_learning_end_epoch(one, one, one, r=0.9))  # exp(-(e - 1)) < 0.1 first at e = 4
+        4
+    """
+    e = torch.arange(1, horizon, dtype=torch.float64).view(-1, *([1] * a.dim()))
+    a, b, c = (v.to(torch.float64) for v in (a, b, c))
+    ref = early_learning_curve_slope(torch.ones((), dtype=torch.float64), a, b, c)
+    rel = (early_learning_curve_slope(e, a, b, c).abs() - ref.abs()).abs() / ref.abs()
+    rel = torch.where(rel > 1, torch.zeros_like(rel), rel)
+    rel = torch.nan_to_num(rel, nan=0.0)
+    return (rel <= r).sum(dim=0) + 1
+
+
+def end_of_early_learning(history: Tensor, r: float = 0.9, horizon: int = 1000, min_epochs: int = 3) -> Tensor:
+    """Whether early learning has ended for each class, given its agreement after each epoch so far.
+
+    Fits :func:`fit_early_learning_curve` to each column of ``history`` (epoch
+    ``t`` at ``x = t``) and reports ``T >= early_learning_end_epoch(...)``,
+    where ``T`` is the number of epochs seen; never before ``min_epochs``
+    points exist (three parameters need three points).
+
+    Args:
+        history: ``(T, C)`` per-class agreement (e.g. :func:`class_iou`) after epochs ``1..T``.
+        r: The relative slope-change threshold (ADELE: 0.9).
+        horizon: The last epoch considered (ADELE's ``n_epoch``), e.g. the run's ``max_epochs``.
+        min_epochs: Points needed before deciding.
+
+    Returns:
+        ``(C,)`` bool.
+
+    Example:
+        >>> x = torch.arange(1, 8, dtype=torch.float64)
+        >>> fast, slow = early_learning_curve(x, 0.9, 1.0, 1.0), early_learning_curve(x, 0.9, 1.0, 20.0)
+        >>> end_of_early_learning(torch.stack([fast, slow], 1), horizon=100).tolist()
+        [True, False]
+    """
+    t = history.shape[0]
+    if t < min_epochs:
+        return torch.zeros(history.shape[1], dtype=torch.bool)
+    a, b, c = fit_early_learning_curve(history)
+    return t >= early_learning_end_epoch(a, b, c, r=r, horizon=horizon)
