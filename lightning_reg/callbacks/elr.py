@@ -43,8 +43,8 @@ class ELR(LossRegularizer):
     checkpointed (the reference code loses them on resume), synchronised
     across DDP ranks (every rank holds the same table, equal to one process
     that saw the same samples), and can be stored compactly
-    (``table_dtype``, ``topk``, ``table_device``). The given labels are kept
-    in a second, scalar table, so :meth:`suspected_labels`,
+    (``table_dtype``, ``topk``, ``table_device``). The given labels and visit
+    counts are kept in a second, ``N × 2`` table, so :meth:`suspected_labels`,
     :meth:`write_suspected_csv` and :meth:`diagnostics` work after training
     with no extra input.
 
@@ -82,12 +82,15 @@ class ELR(LossRegularizer):
         table_device: ``"auto"`` (the module's device), ``"cpu"`` (host memory) or a device string.
         topk: Store only the ``topk`` largest entries of each target row (``None``: dense).
 
-    Compact storage: bf16 rounding can make a stored row sum slightly above
-    one, so rows read from a bf16/fp16 or top-k table are rescaled to sum at
-    most one (keeping :math:`1 - \langle t, p\rangle > 0`). Top-k rows spread
-    the mass they drop uniformly, which also fills the missing mass
-    :math:`\beta^k` of a sample seen only ``k`` times: its target reaches a
-    full distribution sooner than with dense storage.
+    Compact storage (``table_dtype="bfloat16"``/``"float16"`` or ``topk``)
+    stores each target normalised, :math:`\hat t_i = t_i / \sum_c t_{ic}`, a
+    probability vector as the top-k mode requires, and rebuilds
+    :math:`t_i = (1 - \beta^{n_i})\,\hat t_i / \sum_c \hat t_{ic}` from the
+    sample's visit count :math:`n_i` (a dense target sums to exactly
+    :math:`1 - \beta^{n_i}`). The rebuilt row sums to :math:`1 - \beta^{n_i} < 1`
+    whatever the rounding, so :math:`1 - \langle t, p\rangle` stays positive. The
+    only error left is the storage's: about :math:`2^{-8}` relative per entry
+    for bf16, and for top-k the dropped classes share their mass uniformly.
 
     Logged metrics:
 
@@ -144,10 +147,10 @@ class ELR(LossRegularizer):
         self.table = PerSampleTable(
             self.num_samples, dtype=self.table_dtype, device=self.table_device, topk=self.topk, fill=0.0
         )
-        # The given labels, so the diagnostics need no extra input; fp32 holds class ids exactly.
-        self.label_table = PerSampleTable(self.num_samples, None, dtype="float32", device=self.table_device, fill=-1.0)
+        # Per sample: [given label, visits]. The labels let the diagnostics run with no extra input; the visit
+        # count n restores a compactly stored (normalised) target t = (1 - beta^n) t_hat. fp32 holds both exactly.
+        self.meta = PerSampleTable(self.num_samples, 2, dtype="float32", device=self.table_device, fill=0.0)
         self._teacher: TeacherProvider | None = None
-        self._labels_complete = False
         self._ramp_total: float | None = None
         self._global_rank = 0
         self._ready = False
@@ -183,11 +186,6 @@ class ELR(LossRegularizer):
         else:
             self._ramp_total = float(trainer.estimated_stepping_batches)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Once every sample's label is stored, stop re-writing labels (saves the DDP gathers). One sync per epoch.
-        if not self._labels_complete and self.label_table.seen is not None:
-            self._labels_complete = bool(self.label_table.seen.all())
-
     # -- schedule -------------------------------------------------------------
     def current_lam(self, trainer: Trainer) -> float:
         r""":math:`\lambda_t = \lambda \cdot` ``lam_schedule(position, ramp_length)``: a pure function of the step."""
@@ -205,7 +203,7 @@ class ELR(LossRegularizer):
         assert ctx.logits is not None
         n = self.num_samples or self.table.num_samples or infer_num_samples(trainer, type(self).__name__)
         self.table.allocate(n, ctx.num_classes, device=ctx.logits.device)
-        self.label_table.allocate(n, None, device=ctx.logits.device)
+        self.meta.allocate(n, 2, device=ctx.logits.device)
         self._ready = True
 
     def _update_probs(self, ctx: StepContext) -> Tensor:
@@ -237,12 +235,15 @@ class ELR(LossRegularizer):
         assert ctx.logits is not None
         strategy = trainer.strategy
         old, _ = self.table.read(index, device=ctx.logits.device)
-        if self._compact:
-            old = old / old.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        meta, _ = self.meta.read(index, device=ctx.logits.device)
+        visits = meta[:, 1]
+        if self._compact:  # stored normalised: t = (1 - beta^n) * t_hat / sum(t_hat)
+            scale = (1.0 - torch.pow(self.beta, visits)) / old.sum(dim=-1).clamp_min(1e-12)
+            old = old * scale.unsqueeze(-1)
         new = elr_updated_targets(old, self._update_probs(ctx), self.beta)
-        self.table.write(index, new, strategy=strategy)
-        if not self._labels_complete:
-            self.label_table.write(index, ctx.given_labels.float(), strategy=strategy)
+        stored = new / new.sum(dim=-1, keepdim=True) if self._compact else new
+        self.table.write(index, stored, strategy=strategy)
+        self.meta.write(index, torch.stack([ctx.given_labels.to(new), visits + 1.0], dim=-1), strategy=strategy)
         target = new
         mix = ctx.extras.get("mixup")
         if mix is not None:
@@ -255,27 +256,38 @@ class ELR(LossRegularizer):
 
     # -- diagnostics ----------------------------------------------------------
     def _require_table(self) -> None:
-        if not self.table.is_allocated or not self.label_table.is_allocated:
+        if not self.table.is_allocated or not self.meta.is_allocated:
             raise RuntimeError("`ELR` has no targets yet: train (or load a checkpoint) first.")
 
     @property
     def targets(self) -> Tensor:
-        """The ``(N, C)`` fp32 ELR targets (dense copy; zeros for samples never seen)."""
+        """The ``(N, C)`` fp32 ELR targets ``t`` (a dense copy; zeros for samples never seen)."""
         self._require_table()
-        return self.table.dense()
+        t = self.table.dense()
+        if self._compact:
+            visits = self.meta.dense()[:, 1].to(t.device)
+            t = t * ((1.0 - torch.pow(self.beta, visits)) / t.sum(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
+        return t
 
     @property
     def given_labels(self) -> Tensor:
         """The ``(N,)`` labels training saw (``-1`` for samples never seen)."""
         self._require_table()
-        return self.label_table.dense().long()
+        labels = self.meta.dense()[:, 0].long()
+        return torch.where(self.seen.to(labels.device), labels, torch.full_like(labels, -1))
+
+    @property
+    def visits(self) -> Tensor:
+        """The ``(N,)`` number of target updates of each sample (``n``: its target sums to ``1 - β^n``)."""
+        self._require_table()
+        return self.meta.dense()[:, 1].long()
 
     @property
     def seen(self) -> Tensor:
         """``(N,)`` bool: samples that have a target and a stored label."""
         self._require_table()
-        assert self.table.seen is not None and self.label_table.seen is not None
-        return self.table.seen & self.label_table.seen
+        assert self.table.seen is not None and self.meta.seen is not None
+        return self.table.seen & self.meta.seen.to(self.table.seen.device)
 
     def suspected_labels(self, min_confidence: float = 0.0) -> SuspectedLabels:
         """Samples whose ELR target's argmax differs from the given label, most confident first.
@@ -322,7 +334,7 @@ class ELR(LossRegularizer):
         return {
             "version": self.version,
             "targets": self.table.state_dict(),
-            "labels": self.label_table.state_dict(),
+            "meta": self.meta.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -331,6 +343,5 @@ class ELR(LossRegularizer):
                 f"Expected an `ELR` state of version {self.version}, but got {state_dict.get('version')!r}."
             )
         self.table.load_state_dict(state_dict["targets"])
-        self.label_table.load_state_dict(state_dict["labels"])
-        self._labels_complete = False
+        self.meta.load_state_dict(state_dict["meta"])
         self._ready = False

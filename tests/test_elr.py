@@ -1,0 +1,359 @@
+"""ELR: the functional core against hand-computed values, the callback against the reference loop, ELR+ options,
+resume, compact storage and the diagnostics."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+
+from lightning_reg.callbacks.elr import ELR
+from lightning_reg.callbacks.mixup import Mixup
+from lightning_reg.core.protocol import StepContext
+from lightning_reg.functional.elr import (
+    elr_clamped_probs,
+    elr_mixed_targets,
+    elr_regularizer,
+    elr_update_targets_,
+    elr_updated_targets,
+)
+from tests.helpers import TinyNet, assert_state_equal, fit, make_dataset, make_loader
+
+# -- functional core: hand-computed example -----------------------------------------------------------------
+
+
+def test_target_update_hand_computed() -> None:
+    # t_old = [0, 1], p = softmax([ln 3, 0]) = [0.75, 0.25], beta = 0.5  ->  t = 0.5 [0, 1] + 0.5 [0.75, 0.25]
+    t_old = torch.tensor([[0.0, 1.0]])
+    p = elr_clamped_probs(torch.tensor([[math.log(3.0), 0.0]]))
+    new = elr_updated_targets(t_old, p, beta=0.5)
+    torch.testing.assert_close(new, torch.tensor([[0.375, 0.625]]))
+    # From the zero start, one visit gives (1 - beta) * p (the row sums to 1 - beta).
+    torch.testing.assert_close(elr_updated_targets(torch.zeros(1, 2), p, 0.7), torch.tensor([[0.225, 0.075]]))
+    # The update normalises p-hat: an unnormalised row counts as its distribution.
+    torch.testing.assert_close(elr_updated_targets(torch.zeros(1, 2), 2 * p, 0.5), torch.tensor([[0.375, 0.125]]))
+
+
+def test_regularizer_value_and_gradient_hand_computed() -> None:
+    # Two samples. Sample 0: p = [0.75, 0.25], t = [0.375, 0.625]: <t,p> = 0.4375, term_0 = log(0.5625).
+    # Sample 1: p = [0.5, 0.5], t = [0.15, 0.15]: <t,p> = 0.15, term_1 = log(0.85), zero gradient (t_j = <t,p>).
+    z = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[0.375, 0.625], [0.15, 0.15]])
+    term = elr_regularizer(z, t, lam=3.0)
+    expected = 3.0 * (math.log(0.5625) + math.log(0.85)) / 2
+    assert term.item() == pytest.approx(expected, abs=1e-6)
+    term.backward()
+    # d/dz_j [lam/B * log(1 - <t,p>)] = lam/B * p_j (<t,p> - t_j) / (1 - <t,p>)
+    g0 = 1.5 * torch.tensor([0.75 * (0.4375 - 0.375), 0.25 * (0.4375 - 0.625)]) / 0.5625
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad, torch.stack([g0, torch.zeros(2)]), atol=1e-6, rtol=1e-5)
+    assert g0[0].item() == pytest.approx(0.125, abs=1e-6) and g0[1].item() == pytest.approx(-0.125, abs=1e-6)
+
+
+def test_gradient_flows_through_p_only() -> None:
+    z = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    # Targets computed from the same logits (as the callback does) carry no gradient...
+    t = elr_updated_targets(torch.rand(4, 5) * 0.5, elr_clamped_probs(z), 0.7)
+    assert not t.requires_grad
+    elr_regularizer(z, t).backward()
+    # ... so the gradient equals the closed form with t held constant.
+    p = torch.softmax(z.detach(), -1)
+    inner = (t * p).sum(-1, keepdim=True)
+    expected = p * (inner - t) / (1 - inner) / 4
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_clamp_blocks_gradient_of_saturated_entries() -> None:
+    z = torch.tensor([[30.0, 0.0, 0.0]], requires_grad=True)  # softmax ~ [1, 1e-13, 1e-13]: every entry is clamped
+    p = elr_clamped_probs(z)
+    torch.testing.assert_close(p, torch.tensor([[1 - 1e-4, 1e-4, 1e-4]]))
+    term = elr_regularizer(z, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.isfinite(term) and term.item() == pytest.approx(math.log(1e-4), rel=1e-3)
+    term.backward()
+    assert z.grad is not None and torch.count_nonzero(z.grad) == 0
+
+
+def test_in_place_update_matches_reference_indexing() -> None:
+    store = torch.rand(6, 3)
+    ref = store.clone()
+    idx = torch.tensor([4, 1])
+    probs = torch.softmax(torch.randn(2, 3), -1)
+    rows = elr_update_targets_(store, idx, probs, 0.9)
+    ref[idx] = 0.9 * ref[idx] + 0.1 * probs / probs.sum(1, keepdim=True)
+    torch.testing.assert_close(store, ref)
+    torch.testing.assert_close(rows, ref[idx])
+
+
+def test_mixed_targets() -> None:
+    t = torch.tensor([[0.6, 0.4], [0.1, 0.9], [0.5, 0.5]])
+    perm = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(elr_mixed_targets(t, perm, 0.8), 0.8 * t + 0.2 * t[perm])
+
+
+# -- the callback against the reference training loop --------------------------------------------------------
+
+
+def _reference_run(beta: float, lam: float, epochs: int) -> tuple[TinyNet, Tensor]:
+    """shengliu66/ELR's ``elr_loss`` in a plain loop over the same batches, from the same initial weights."""
+    L.seed_everything(0, verbose=False)
+    net = TinyNet()
+    opt = net.configure_optimizers()
+    target = torch.zeros(64, 4)
+    loader = make_loader()
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        for x, y, index in loader:
+            out = net(x)
+            y_pred = torch.clamp(F.softmax(out, dim=1), 1e-4, 1.0 - 1e-4)
+            y_pred_ = y_pred.data.detach()
+            target[index] = beta * target[index] + (1 - beta) * (y_pred_ / y_pred_.sum(dim=1, keepdim=True))
+            elr_reg = (1 - (target[index] * y_pred).sum(dim=1)).log().mean()
+            loss = F.cross_entropy(out, y) + lam * elr_reg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net, target
+
+
+def test_callback_matches_reference_loop() -> None:
+    ref_net, ref_target = _reference_run(beta=0.7, lam=3.0, epochs=2)
+    L.seed_everything(0, verbose=False)
+    elr = ELR(beta=0.7, lam=3.0)
+    trainer, model = fit([elr], TinyNet(), max_epochs=2)
+    assert trainer.global_step == 8
+    torch.testing.assert_close(elr.targets, ref_target, atol=1e-6, rtol=1e-5)
+    for a, b in zip(model.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # Every sample was visited twice: the rows sum to 1 - beta^2 exactly.
+    torch.testing.assert_close(elr.targets.sum(1), torch.full((64,), 1 - 0.7**2), atol=1e-6, rtol=0)
+    m = trainer.callback_metrics
+    assert float(m["train/loss_elr"]) < 0  # the term is negative ...
+    assert float(m["train/loss"]) == pytest.approx(float(m["train/loss_base"]) + float(m["train/loss_elr"]), abs=1e-5)
+    assert float(m["elr/lam"]) == 3.0
+    assert 0.0 <= float(m["elr/disagreement"]) <= 1.0
+    assert torch.equal(elr.visits, torch.full((64,), 2))
+    # The stored labels are the given ones.
+    assert torch.equal(elr.given_labels, make_dataset(64).tensors[1])
+
+
+def test_num_samples_is_inferred_or_checked() -> None:
+    elr = ELR()
+    fit([elr], max_epochs=1)
+    assert elr.table.num_samples == 64 and elr.table.num_columns == 4
+    with pytest.raises(IndexError, match=r"Expected sample indices in \[0, 50\)"):
+        fit([ELR(num_samples=50)], max_epochs=1)
+
+
+# -- resume ----------------------------------------------------------------------------------------------------
+
+
+class _Snapshot(L.Callback):
+    def __init__(self, elr: ELR, step: int) -> None:
+        self.elr, self.step = elr, step
+        self.state: dict[str, Any] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            assert self.elr.table.values is not None
+            self.state = {"values": self.elr.table.values.clone(), "seen": self.elr.table.seen.clone()}  # type: ignore[union-attr]
+
+
+def test_mid_epoch_resume_restores_the_table(tmp_path: Path) -> None:
+    elr_full = ELR(beta=0.7, lam=3.0)
+    snap = _Snapshot(elr_full, 6)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    fit([elr_full, snap, ckpt_cb], max_epochs=3, enable_checkpointing=True)
+    ckpt = torch.load(tmp_path / "step=6.ckpt", weights_only=False)
+    saved = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ELR"))
+    assert saved["version"] == 1
+    # The checkpoint holds the table as it was after step 6 (mid-epoch 1) ...
+    assert torch.equal(saved["targets"]["values"], snap.state["values"])
+    assert torch.equal(saved["targets"]["seen"], snap.state["seen"])
+    assert int(saved["targets"]["seen"].sum()) == 64  # epoch 0 visited every sample
+    # ... a fresh callback loads it exactly ...
+    fresh = ELR(beta=0.7, lam=3.0)
+    fresh.load_state_dict(saved)
+    assert fresh.table.values is not None and torch.equal(fresh.table.values, saved["targets"]["values"])
+    # ... and the resumed run ends with the uninterrupted run's table.
+    elr_resumed = ELR(beta=0.7, lam=3.0)
+    fit([elr_resumed], ckpt_path=str(tmp_path / "step=6.ckpt"), max_epochs=3)
+    assert_state_equal(elr_full.state_dict(), elr_resumed.state_dict())
+
+
+def test_storage_mode_mismatch_on_load_is_clear() -> None:
+    elr = ELR()
+    fit([elr], max_epochs=1)
+    with pytest.raises(ValueError, match="topk"):
+        ELR(topk=2).load_state_dict(elr.state_dict())
+    with pytest.raises(ValueError, match="version"):
+        ELR().load_state_dict({"version": 99})
+
+
+# -- compact storage --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{"table_dtype": "bfloat16"}, {"table_dtype": "float16"}, {"topk": 2}])
+def test_compact_storage_trains_and_stays_close(kwargs: dict[str, Any]) -> None:
+    dense = ELR()
+    fit([dense], max_epochs=2)
+    compact = ELR(**kwargs)
+    trainer, _ = fit([compact], max_epochs=2)
+    assert all(math.isfinite(float(v)) for v in trainer.callback_metrics.values())
+    assert compact.table.values is not None
+    if "table_dtype" in kwargs:
+        assert (
+            compact.table.values.dtype == {"bfloat16": torch.bfloat16, "float16": torch.float16}[kwargs["table_dtype"]]
+        )
+        torch.testing.assert_close(compact.targets, dense.targets, atol=0.02, rtol=0.05)
+    else:
+        assert compact.table.values.shape == (64, 2)
+        assert (compact.targets.argmax(1) == dense.targets.argmax(1)).float().mean() > 0.9
+    # The rebuilt targets sum to exactly 1 - beta^n (two visits each), whatever the storage rounding.
+    assert torch.equal(compact.visits, torch.full((64,), 2))
+    torch.testing.assert_close(compact.targets.sum(1), torch.full((64,), 1 - 0.7**2), atol=1e-6, rtol=0)
+
+
+# -- ELR+ options -------------------------------------------------------------------------------------------------
+
+
+def _ctx(logits: Tensor, labels: Tensor, index: Tensor, step: int = 0, epoch: int = 0, **extras: Any) -> StepContext:
+    trainer = SimpleNamespace(strategy=None, global_step=step, current_epoch=epoch, max_epochs=10)
+    module = SimpleNamespace(trainer=trainer)
+    ctx = StepContext(module=module, x=None, labels=labels, given_labels=labels, index=index, logits=logits)  # type: ignore[arg-type]
+    ctx.extras.update(extras)
+    return ctx
+
+
+def test_lam_sigmoid_rampup_schedule() -> None:
+    elr = ELR(lam=3.0, lam_schedule="sigmoid_rampup", ramp_length=4, ramp_unit="step")
+    elr._ramp_total = 4.0
+    for step in range(6):
+        trainer: Any = SimpleNamespace(global_step=step, current_epoch=0, max_epochs=1)
+        expected = 3.0 * math.exp(-5.0 * (1.0 - min(step / 4, 1.0)) ** 2)
+        assert elr.current_lam(trainer) == pytest.approx(expected)
+    # In a fit, the logged weight follows the epoch ramp: epoch 1 of a 2-epoch ramp gives exp(-5/4).
+    elr = ELR(lam=2.0, lam_schedule="sigmoid_rampup", ramp_length=2)
+    trainer_, _ = fit([elr], max_epochs=2)
+    assert float(trainer_.callback_metrics["elr/lam_step"]) == pytest.approx(2.0 * math.exp(-1.25), rel=1e-6)
+
+
+def test_mixup_consistent_targets_in_the_term() -> None:
+    elr = ELR(beta=0.5, lam=1.0, num_samples=8)
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    labels, index = torch.tensor([0, 1, 2]), torch.tensor([5, 2, 7])
+    perm, mix_lam = torch.tensor([1, 2, 0]), 0.7
+
+    class _Teacher:
+        has_updated = True
+
+        def teacher_forward(self, x: Tensor) -> Tensor:
+            return x  # the "clean input" below is the teacher's logits
+
+    clean_logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    elr._teacher = _Teacher()  # type: ignore[assignment]
+    ctx = _ctx(logits, labels, index, mixup=(perm, mix_lam), clean_x=clean_logits)
+    term = elr.loss_term(ctx)
+    # The table row was updated from the teacher's clean predictions ...
+    t_new = elr_updated_targets(torch.zeros(3, 4), elr_clamped_probs(clean_logits), 0.5)
+    torch.testing.assert_close(elr.targets[index], t_new)
+    # ... and the term used lam * t + (1 - lam) * t[perm] against the student's (mixed-input) logits.
+    expected = elr_regularizer(logits, mix_lam * t_new + (1 - mix_lam) * t_new[perm])
+    torch.testing.assert_close(term, expected)
+    assert not torch.allclose(term, elr_regularizer(logits, t_new))
+
+
+class StubTeacher(L.Callback):
+    """A teacher that always predicts class 3, optionally 'not updated yet'."""
+
+    def __init__(self, has_updated: bool = True) -> None:
+        self.has_updated = has_updated
+        self.calls = 0
+
+    def teacher_forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        out = torch.zeros(x.shape[0], 4)
+        out[:, 3] = 10.0
+        return out
+
+
+def test_teacher_targets() -> None:
+    teacher = StubTeacher()
+    elr = ELR(teacher="ema")
+    fit([elr, teacher], max_epochs=1)
+    assert teacher.calls == 4
+    assert torch.equal(elr.targets.argmax(1), torch.full((64,), 3))  # every target came from the teacher
+    # Before the teacher's first update, the student's own predictions are used (same table as teacher="none").
+    idle = StubTeacher(has_updated=False)
+    elr_idle, elr_plain = ELR(teacher="ema"), ELR()
+    fit([elr_idle, idle], max_epochs=1)
+    fit([elr_plain], max_epochs=1)
+    assert idle.calls == 0
+    torch.testing.assert_close(elr_idle.targets, elr_plain.targets)
+
+
+def test_teacher_missing_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no callback with `teacher_forward`"):
+        fit([ELR(teacher="ema")], max_epochs=1)
+
+
+def test_mixup_without_teacher_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="un-mixed inputs"):
+        fit([Mixup(), ELR()], max_epochs=1)
+
+
+def test_elr_plus_configuration_trains() -> None:
+    from lightning_reg.callbacks.ema import EMATeacher
+
+    elr = ELR(beta=0.7, lam=3.0, teacher="ema", lam_schedule="sigmoid_rampup", ramp_length=4, ramp_unit="step")
+    trainer, _ = fit([Mixup(alpha=1.0, max_lam=True), EMATeacher(decay=0.997), elr], max_epochs=2)
+    metrics = trainer.callback_metrics
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["mixup/lam_step"]) >= 0.5
+    assert bool(elr.seen.all())
+    torch.testing.assert_close(elr.targets.sum(1), torch.full((64,), 1 - 0.7**2), atol=1e-5, rtol=0)
+
+
+# -- diagnostics ----------------------------------------------------------------------------------------------
+
+
+def test_suspected_labels_csv_and_diagnostics(tmp_path: Path) -> None:
+    elr = ELR(beta=0.7, lam=3.0)
+    fit([elr], max_epochs=3)
+    suspects = elr.suspected_labels()
+    disagree = elr.targets.argmax(1) != elr.given_labels
+    assert sorted(suspects.index.tolist()) == torch.nonzero(disagree).flatten().tolist()
+    assert torch.all(suspects.confidence[:-1] >= suspects.confidence[1:])
+    n = elr.write_suspected_csv(tmp_path / "out" / "suspects.csv")
+    rows = list(csv.DictReader((tmp_path / "out" / "suspects.csv").open()))
+    assert n == len(rows) == int(disagree.sum())
+    assert list(rows[0]) == ["index", "given_label", "suggested_label", "confidence"]
+    first = rows[0]
+    i = int(first["index"])
+    assert int(first["given_label"]) == int(elr.given_labels[i])
+    assert int(first["suggested_label"]) == int(elr.targets[i].argmax())
+    assert float(first["confidence"]) == pytest.approx(float(elr.targets[i].max() / elr.targets[i].sum()), abs=1e-6)
+    # The dataset flips ~10% of labels (`make_dataset`): score the targets against that mask.
+    g = torch.Generator().manual_seed(0)
+    _ = torch.randn(64, 1, 8, 8, generator=g), torch.randn(64, 4, generator=g)
+    mask = torch.rand(64, generator=g) < 0.1
+    scores = elr.diagnostics(noise_mask=mask, predictions=elr.targets)
+    assert set(scores) == {"disagreement", "noise_rate", "precision", "recall", "f1", "memorization"}
+    assert scores["disagreement"] == pytest.approx(float(disagree.float().mean()))
+    assert scores["noise_rate"] == pytest.approx(float(mask.float().mean()))
+    # With the targets as "predictions", memorized noisy samples are exactly the undetected ones.
+    assert scores["memorization"] == pytest.approx(1.0 - scores["recall"])
+
+
+def test_diagnostics_before_training_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="no targets yet"):
+        ELR().suspected_labels()
