@@ -1,6 +1,20 @@
 """lightning-reg: training-regularization techniques as composable PyTorch Lightning callbacks."""
 
-from lightning_reg.callbacks import LabelSmoothing
+from lightning_reg.callbacks import (
+    ELR,
+    PSKD,
+    DropoutSchedule,
+    EarlyDropout,
+    EMATeacher,
+    GradientClipping,
+    LabelCorrection,
+    LabelSmoothing,
+    LateDropout,
+    Mixup,
+    NoisyLabelConsistency,
+    ResultsReport,
+    export_ema_state_dict,
+)
 from lightning_reg.core import (
     LossRegularizer,
     PerSampleTable,
@@ -9,17 +23,33 @@ from lightning_reg.core import (
     StepContext,
 )
 from lightning_reg.data import IndexedDataset, inject_label_noise
+from lightning_reg.metrics import LabelNoiseMetrics
+from lightning_reg.nn import DropPath
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ELR",
+    "PSKD",
+    "DropPath",
+    "DropoutSchedule",
+    "EMATeacher",
+    "EarlyDropout",
+    "GradientClipping",
     "IndexedDataset",
+    "LabelCorrection",
+    "LabelNoiseMetrics",
     "LabelSmoothing",
+    "LateDropout",
     "LossRegularizer",
+    "Mixup",
+    "NoisyLabelConsistency",
     "PerSampleTable",
     "RegularizedModule",
     "RegularizerCallback",
+    "ResultsReport",
     "StepContext",
     "__version__",
+    "export_ema_state_dict",
     "inject_label_noise",
 ]

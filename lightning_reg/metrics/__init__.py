@@ -1,3 +1,5 @@
-"""torchmetrics-based metrics: calibration, memorization and label-noise detection."""
+"""torchmetrics-based metrics: memorization and label-noise detection."""
 
-__all__: list[str] = []
+from lightning_reg.metrics.noise import LabelNoiseMetrics, label_noise_scores, suspected_mislabeled, write_suspected_csv
+
+__all__ = ["LabelNoiseMetrics", "label_noise_scores", "suspected_mislabeled", "write_suspected_csv"]
