@@ -421,3 +421,11 @@ def test_fsdp_keeps_shard_ema_and_resumes(tmp_path: Path) -> None:
     assert set(again) == set(full)
     for k in full:
         torch.testing.assert_close(again[k].cpu(), full[k].cpu(), atol=1e-6, rtol=1e-5)
+
+
+def test_benchmark_parameter_sets_have_the_advertised_sizes() -> None:
+    from benchmarks.ema import resnet50_shapes, transformer_shapes
+
+    rn, tf = resnet50_shapes(), transformer_shapes()
+    assert (len(rn), sum(torch.Size(s).numel() for s in rn)) == (161, 25_557_032)  # torchvision's resnet50()
+    assert len(tf) == 304 and 9.5e6 < sum(torch.Size(s).numel() for s in tf) < 10.5e6
