@@ -112,6 +112,8 @@ class _Plan:
         self._cache: dict[tuple[str, torch.device], Tensor] = {}
         self._subplans: dict[tuple[bool, ...], _Plan] = {}
         self._cb = cb
+        #: The full plan this one restricts (``None`` for a full plan).
+        self.parent: _Plan | None = None
 
     def tensor(self, key: str, device: torch.device) -> Tensor:
         """A cached device tensor of per-step constants (thresholds, segment ids, ...)."""
@@ -157,6 +159,7 @@ class _Plan:
                 module_of=[self.module_of[i] for i in keep],
                 module_names=self.module_names,
             )
+            sub.parent = self
             self._subplans[present] = sub
         return sub
 
@@ -442,10 +445,11 @@ class GradientClipping(RegularizerCallback):
             step=step,
         )
         if telemetry or module_norms:
-            self._log(pl_module, out)
+            self._log(pl_module, out, telemetry)
 
-    def _log(self, pl_module: LightningModule, out: dict[str, Any]) -> None:
-        for key in ("norm_pre", "norm_post", "clip_coef", "clipped_frac", "nonfinite_steps", "threshold"):
+    def _log(self, pl_module: LightningModule, out: dict[str, Any], telemetry: bool) -> None:
+        keys = ("norm_pre", "norm_post", "clip_coef", "clipped_frac", "nonfinite_steps", "threshold")
+        for key in keys if telemetry else ():
             if key in out:
                 pl_module.log(f"{self.name}/{key}", out[key].float(), on_step=True, on_epoch=False, batch_size=1)
         for module, value in out.get("module_norms", {}).items():
@@ -535,8 +539,7 @@ class GradientClipping(RegularizerCallback):
         rule, p = self.rule, self.norm_type
         want_norms = module_norms
         out: dict[str, Any] = {}
-        tnorms: Tensor | None = None  # per-tensor pre-clip norms (local shards unless `tnorms_global`)
-        tnorms_global = all_reduce is None
+        tnorms: Tensor | None = None  # per-tensor pre-clip norms of the local gradients (shards under FSDP)
         post: Tensor | None = None
         pre: Tensor | None = None
 
@@ -566,14 +569,16 @@ class GradientClipping(RegularizerCallback):
 
         elif rule == "component":
             tnorms = tensor_norms(grads, p, plan.buckets).to(device)
-            if all_reduce is not None:
-                tnorms = self._reduce_per_tensor(tnorms, plan, p, all_reduce, device)
-                tnorms_global = True
-            thr_t = plan.tensor("thr", device)
-            coef = clip_coef(tnorms, thr_t)
-            pre = torch.linalg.vector_norm(tnorms, p)
-            post = torch.linalg.vector_norm(tnorms * coef, p)
-            clipped = (tnorms > thr_t).any()
+            full, top = tnorms, plan
+            if all_reduce is not None:  # every tensor's global norm, laid out over all parameters on every rank
+                full, top = self._reduce_per_tensor(tnorms, plan, p, all_reduce, device), plan.parent or plan
+            thr_full = top.tensor("thr", device)
+            coef = clip_coef(full, thr_full)
+            pre = torch.linalg.vector_norm(full, p)
+            post = torch.linalg.vector_norm(full * coef, p)
+            clipped = (full > thr_full).any()
+            if top is not plan:
+                coef = coef.index_select(0, plan.tensor("positions", device))
 
             def apply() -> None:
                 scale_(grads, coef, plan.buckets)
@@ -649,7 +654,7 @@ class GradientClipping(RegularizerCallback):
             out["clip_coef"] = torch.where(pre > 0, post / pre, torch.ones_like(pre))
         if want_norms and tnorms is not None:
             mnorms = segment_norms(tnorms, plan.tensor("module", device), len(plan.module_names), p)
-            if not tnorms_global and all_reduce is not None:
+            if all_reduce is not None:  # local shards' module norms → global ones
                 mnorms = self._reduce_norms(mnorms, p, all_reduce)
             out["module_norms"] = dict(zip(plan.module_names, mnorms.unbind(0)))
         return out
@@ -670,11 +675,12 @@ class GradientClipping(RegularizerCallback):
     def _reduce_per_tensor(
         self, tnorms: Tensor, plan: _Plan, p: float, all_reduce: AllReduce, device: torch.device
     ) -> Tensor:
+        """Global per-tensor norms over *all* parameters (ranks may lack a gradient for some), from local shards."""
         if plan.positions is None:
             return self._reduce_norms(tnorms, p, all_reduce)
         pos = plan.tensor("positions", device)
         full = torch.zeros(plan.n_full, dtype=torch.float32, device=device).index_copy_(0, pos, _power(tnorms, p))
-        return _root(all_reduce(full, "max" if math.isinf(p) else "sum"), p).index_select(0, pos)
+        return _root(all_reduce(full, "max" if math.isinf(p) else "sum"), p)
 
     def _nonfinite_message(self, plan: _Plan, grads: list[Tensor], step: int | None) -> str:
         bad = [n for n, g in zip(plan.names, grads) if not bool(torch.isfinite(g).all())]
