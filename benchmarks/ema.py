@@ -16,12 +16,14 @@ For each set, one EMA update (decay 0.999) is timed for
   of one ``lerp_`` over a 100M-element fp32 tensor, measured in the same process.
 
 Methods are timed round-robin (every round times each method once), so drift in the machine's load hits them
-alike; the table gives medians. Run: ``python -m benchmarks.ema`` (quick) or ``python -m benchmarks.ema full``.
+alike; the table gives medians, and the ratios are medians of per-round ratios.
+Run: ``python -m benchmarks.ema`` (quick) or ``python -m benchmarks.ema full``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import random
 import statistics
 import sys
 import time
@@ -135,18 +137,23 @@ def _methods(model: ParamSet) -> dict[str, Callable[[], Any]]:
     return methods
 
 
-def _round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, timing every function once per round."""
+def _round_robin(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds of every call: each round times each function once, in a fresh random order."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(seed)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 BIG = 100_000_000  # elements of the bandwidth probe
@@ -158,21 +165,37 @@ def _bandwidth_probe() -> Callable[[], Any]:
     return lambda: a.lerp_(b, 1.0 - DECAY)
 
 
-def _measure(rounds: int, probe: Callable[[], Any]) -> tuple[dict[str, dict[str, float]], list[float]]:
-    """Per parameter set: the bound and the median seconds of each method, at the current thread count."""
-    summary: dict[str, dict[str, float]] = {}
-    bandwidths: list[float] = []
+def _measure(rounds: int, probe: Callable[[], Any]) -> dict[str, dict[str, Any]]:
+    """Per parameter set: the bound and each method's time, at the current thread count.
+
+    The ratios are medians of per-round ratios: within a round the calls are a fraction of a second apart, so a
+    change in the machine's load (other jobs share its cores and memory bandwidth) cancels out of them.
+    """
+    summary: dict[str, dict[str, Any]] = {}
     sets = {"ResNet-50 (161 tensors)": resnet50_shapes(), "transformer-like (304 tensors)": transformer_shapes()}
     for set_name, shapes in sets.items():
         model = ParamSet(shapes)
         numel = sum(p.numel() for p in model.parameters())
         with torch.no_grad():  # the bandwidth probe runs in the same rounds, under the same load
             times = _round_robin({**_methods(model), "probe": probe}, rounds)
-        bandwidth = 3 * 4 * BIG / times.pop("probe")
-        bandwidths.append(bandwidth)
-        summary[set_name] = {"bound": 3 * 4 * numel / bandwidth, "tensors": len(shapes), "params": numel, **times}
+        bounds = [t * numel / BIG for t in times.pop("probe")]  # same bytes per element, numel/BIG of the work
+        ours = times[OURS]
+        summary[set_name] = {
+            "tensors": len(shapes),
+            "params": numel,
+            "bound_ms": statistics.median(bounds) * 1e3,
+            "bandwidth": 12 * numel / statistics.median(bounds),
+            "methods": {
+                name: {
+                    "ms": statistics.median(ts) * 1e3,
+                    "vs_bound": statistics.median(t / b for t, b in zip(ts, bounds)),
+                    "vs_ours": statistics.median(t / o for t, o in zip(ts, ours)),
+                }
+                for name, ts in times.items()
+            },
+        }
         del model
-    return summary, bandwidths
+    return summary
 
 
 OURS, LIGHTNING, TIMM = "EMATeacher (ours)", "Lightning EMAWeightAveraging", "timm ModelEmaV3"
@@ -188,40 +211,37 @@ def run(suite: str = "quick") -> dict[str, Any]:
     t_start = time.perf_counter()
     default_threads = torch.get_num_threads()
     thread_counts = [1] if suite == "quick" else sorted({1, default_threads})
-    rounds = 9 if suite == "quick" else 30
+    rounds = 21 if suite == "quick" else 60
     probe = _bandwidth_probe()
-    rows: list[dict[str, Any]] = []
-    table_rows: list[list[Any]] = []
-    results: dict[int, dict[str, dict[str, float]]] = {}
-    bandwidths: dict[int, list[float]] = {}
+    results: dict[int, dict[str, dict[str, Any]]] = {}
     try:
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            results[threads], bandwidths[threads] = _measure(rounds, probe)
+            results[threads] = _measure(rounds, probe)
     finally:
         torch.set_num_threads(default_threads)
+    rows: list[dict[str, Any]] = []
+    table_rows: list[list[Any]] = []
     for threads, summary in results.items():
         for set_name, s in summary.items():
-            bound, ours = s["bound"], s[OURS]
-            table_rows.append(
-                [threads, set_name, "bandwidth bound", f"{bound * 1e3:.2f}", "1.00", f"{bound / ours:.2f}"]
-            )
-            for name, t in s.items():
-                if name in ("bound", "tensors", "params"):
-                    continue
+            table_rows.append([threads, set_name, "bandwidth bound", f"{s['bound_ms']:.2f}", "1.00", ""])
+            for name, m in s["methods"].items():
                 rows.append(
-                    {"threads": threads, "set": set_name, "tensors": int(s["tensors"]), "params": int(s["params"]),
-                     "method": name, "ms": t * 1e3, "vs_bound": t / bound, "vs_ours": t / ours}
+                    {"threads": threads, "set": set_name, "tensors": s["tensors"], "params": s["params"],
+                     "method": name, **m}
                 )  # fmt: skip
-                table_rows.append([threads, set_name, name, f"{t * 1e3:.2f}", f"{t / bound:.2f}", f"{t / ours:.2f}"])
+                table_rows.append(
+                    [threads, set_name, name, f"{m['ms']:.2f}", f"{m['vs_bound']:.2f}", f"{m['vs_ours']:.2f}"]
+                )
 
     header = ["torch threads", "parameter set", "method", "ms / update (median)", "× bound", "× ours"]
     main = results[1]  # the targets are judged on the single-thread figures (see the reading)
-    rn, tf = main["ResNet-50 (161 tensors)"], main["transformer-like (304 tensors)"]
-    worst_bound = max(s[OURS] / s["bound"] for s in main.values())
-    min_vs_lightning = min(s[LIGHTNING] / s[OURS] for s in main.values())
+    rn = main["ResNet-50 (161 tensors)"]["methods"]
+    tf = main["transformer-like (304 tensors)"]["methods"]
+    worst_bound = max(s["methods"][OURS]["vs_bound"] for s in main.values())
+    min_vs_lightning = min(s["methods"][LIGHTNING]["vs_ours"] for s in main.values())
     have_timm = TIMM in rn
-    min_vs_timm = min(s[TIMM] / s[OURS] for s in main.values()) if have_timm else float("nan")
+    min_vs_timm = min(s["methods"][TIMM]["vs_ours"] for s in main.values()) if have_timm else float("nan")
     claims = [
         {
             "technique": "EMATeacher (issue 3 target)",
@@ -243,30 +263,31 @@ def run(suite: str = "quick") -> dict[str, Any]:
         },
     ]
     bw = "; ".join(
-        f"{t} thread{'s' if t > 1 else ''}: " + " / ".join(f"{b / 1e9:.1f}" for b in bws) + " GB/s"
-        for t, bws in bandwidths.items()
+        f"{t} thread{'s' if t > 1 else ''}: "
+        + " / ".join(f"{s['bandwidth'] / 1e9:.1f}" for s in summ.values())
+        + " GB/s"
+        for t, summ in results.items()
     )
     reading = (
         f"Measured `lerp_` bandwidth on a 100M-element fp32 tensor, during each set's rounds: {bw}. "
-        f"With one thread, one EMATeacher update takes {rn[OURS] * 1e3:.1f} ms on the ResNet-50 set "
-        f"({rn[OURS] / rn['bound']:.2f}× the bandwidth bound) and {tf[OURS] * 1e3:.1f} ms on the transformer-like "
-        f"set ({tf[OURS] / tf['bound']:.2f}×). Lightning's EMAWeightAveraging path is "
-        f"{rn[LIGHTNING] / rn[OURS]:.1f}× / {tf[LIGHTNING] / tf[OURS]:.1f}× slower: its per-tensor `avg_fn` allocates "
-        "temporaries for every tensor, and `AveragedModel.update_parameters` reads `n_averaged` on the host (a sync "
-        "on GPU). "
+        f"With one thread, one EMATeacher update costs {rn[OURS]['vs_bound']:.2f}× the bandwidth bound on the "
+        f"ResNet-50 set and {tf[OURS]['vs_bound']:.2f}× on the transformer-like set. Lightning's EMAWeightAveraging "
+        f"path is {rn[LIGHTNING]['vs_ours']:.1f}× / {tf[LIGHTNING]['vs_ours']:.1f}× slower: its per-tensor `avg_fn` "
+        "allocates temporaries for every tensor (cheap for small tensors, so the gap shrinks on the transformer-like "
+        "set), and `AveragedModel.update_parameters` reads `n_averaged` on the host, a sync per update on GPU. "
         + (
-            f"timm's ModelEmaV3 takes {rn[TIMM] / rn[OURS]:.2f}× / {tf[TIMM] / tf[OURS]:.2f}× our time: it runs the "
-            "same `_foreach_lerp_` kernel but rebuilds both state dicts and the tensor lists on every update, an "
-            "overhead that is small next to a CPU's memory traffic (the two are within noise of each other here) "
-            "and matters more on a GPU, where the kernel itself is fast. "
+            f"timm's ModelEmaV3 takes {rn[TIMM]['vs_ours']:.2f}× / {tf[TIMM]['vs_ours']:.2f}× our time: it runs the "
+            "same `_foreach_lerp_` kernel but rebuilds both state dicts and the tensor lists at every update. On a "
+            "CPU that overhead is small next to the memory traffic, so the two are close; it matters more on a GPU, "
+            "where the kernel itself takes well under a millisecond. "
             if have_timm
             else "timm's ModelEmaV3 could not be loaded here. "
         )
         + "On a CPU `_foreach_lerp_` is a loop of per-tensor `lerp_` calls; with several threads each call ends in a "
         "thread barrier, and on this 2-core machine shared with other jobs a barrier can wait a whole scheduler time "
         "slice, so multi-threaded figures (full suite) sit far above the single-op bound for every per-tensor method "
-        "alike. Absolute times are noisy here; the ratios, timed round-robin in one process, are the result. "
-        "GPU figures are pending (no GPU here)."
+        "alike. The machine was heavily loaded by other jobs: absolute times are noisy, and even the per-round ratios "
+        "move by ±10–20% between runs. GPU figures are pending (no GPU here)."
     )
     markdown = "\n\n".join(
         [
