@@ -402,25 +402,37 @@ def test_unsupported_strategies_raise_in_setup() -> None:
             ema.setup(types.SimpleNamespace(strategy=strategy), TinyNet(), "fit")  # type: ignore[arg-type]
 
 
+class CaptureAtTrainEnd(L.Callback):
+    """Listed after the EMATeacher: takes its state inside the run (under FSDP ``state_dict()`` is a collective)."""
+
+    def __init__(self, ema: EMATeacher) -> None:
+        self.ema = ema
+        self.state: dict[str, Tensor] = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.state = {k: v.detach().cpu().clone() for k, v in self.ema.state_dict()["ema"].items()}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA GPU")
 def test_fsdp_keeps_shard_ema_and_resumes(tmp_path: Path) -> None:
     # One GPU in-process (several would re-launch pytest per rank): FSDP's code paths, sharding trivially.
     kw: dict[str, Any] = dict(accelerator="gpu", devices=1, strategy="fsdp", max_epochs=2)
     ema = EMATeacher(decay=0.9, warmup="mean_teacher")
-    rec = Recorder()
+    rec, cap = Recorder(), CaptureAtTrainEnd(ema)
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    fit([ema, rec, ckpt_cb], TinyNet(), enable_checkpointing=True, **kw)
-    full = ema.state_dict()["ema"]  # gathered: rank 0 holds the full EMA
+    fit([ema, rec, cap, ckpt_cb], TinyNet(), enable_checkpointing=True, **kw)
     ref = reference_ema(rec, 0.9, "mean_teacher")
-    assert_matches({k: v.cpu() for k, v in full.items()}, {k: v.cpu() for k, v in ref.items()}, atol=1e-5)
+    assert_matches(cap.state, {k: v.cpu() for k, v in ref.items()}, atol=1e-5)
+    saved = torch.load(tmp_path / "step=3.ckpt", weights_only=False)
+    assert set(saved["callbacks"][ema.state_key]["ema"]) == set(ref)  # the gathered, full EMA
     resumed = EMATeacher(decay=0.9, warmup="mean_teacher")
-    fit([resumed], TinyNet(), ckpt_path=str(tmp_path / "step=3.ckpt"), **kw)
+    cap2 = CaptureAtTrainEnd(resumed)
+    fit([resumed, cap2], TinyNet(), ckpt_path=str(tmp_path / "step=3.ckpt"), **kw)
     assert resumed.num_updates == ema.num_updates
-    again = resumed.state_dict()["ema"]
-    assert set(again) == set(full)
-    for k in full:
-        torch.testing.assert_close(again[k].cpu(), full[k].cpu(), atol=1e-6, rtol=1e-5)
+    assert set(cap2.state) == set(cap.state)
+    for k in cap.state:
+        torch.testing.assert_close(cap2.state[k], cap.state[k], atol=1e-6, rtol=1e-5)
 
 
 def test_benchmark_parameter_sets_have_the_advertised_sizes() -> None:
