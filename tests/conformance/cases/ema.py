@@ -40,7 +40,7 @@ register(
     Case(
         name="ema",
         factory=lambda: EMATeacher(decay=0.9),
-        class_path="lightning_reg.callbacks.ema.EMATeacher",
+        class_path="lightning_reg.EMATeacher",
         full_init_args={
             "decay": 0.99,
             "warmup": "power",
