@@ -9,7 +9,8 @@ model and data are any ``LightningModule``/``LightningDataModule`` named by
 What it adds to ``LightningCLI``:
 
 * **Clear configuration errors.** An argument a constructor rejects (a value
-  out of range, an unknown schedule name) or two regularizers that conflict
+  out of range, an unknown schedule name), two regularizers that conflict, or
+  a ``Trainer`` misconfiguration (e.g. two stateful callbacks of one type)
   end the program with jsonargparse's usage message and ``error: ...`` (exit
   status 2), not a traceback from inside a callback. Unknown arguments are
   already rejected by jsonargparse while parsing. Set ``JSONARGPARSE_DEBUG=1``
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_reg.core.protocol import check_pipeline
@@ -73,7 +75,7 @@ class LightningRegCLI(LightningCLI):
         try:
             super().instantiate_classes()
             check_pipeline(self.trainer)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:
             self._parser(self.subcommand).error(f"invalid configuration: {_root_message(err)}", err)
 
     def after_fit(self) -> None:

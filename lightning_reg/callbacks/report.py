@@ -166,7 +166,7 @@ class ResultsReport(Callback):
 
     def _epoch_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         out: dict[str, float] = {}
-        test = self._epoch_test_tensors(trainer)
+        test = self._epoch_test_tensors(trainer, self._eval_limit(trainer))
         device = pl_module.device
         if test is not None:
             x, y = test
@@ -181,7 +181,8 @@ class ResultsReport(Callback):
             train_x, given, mask = noise
             if self._train_sel is None:
                 n = len(given)
-                k = n if self.epoch_eval_samples is None else min(n, self.epoch_eval_samples)
+                limit = self._eval_limit(trainer)
+                k = n if limit is None else min(n, limit)
                 self._train_sel = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]
             sel = self._train_sel
             preds = self._predict(trainer, pl_module, pl_module, train_x[sel], device).argmax(-1)
@@ -194,7 +195,13 @@ class ResultsReport(Callback):
                     out["detection_f1"] = float(elr.diagnostics(noise_mask=mask)["f1"])
         return out
 
-    def _epoch_test_tensors(self, trainer: Trainer) -> tuple[Tensor, Tensor] | None:
+    def _eval_limit(self, trainer: Trainer) -> int | None:
+        """``epoch_eval_samples``, capped at 256 under ``fast_dev_run`` (a smoke test)."""
+        if getattr(trainer, "fast_dev_run", False):
+            return 256 if self.epoch_eval_samples is None else min(self.epoch_eval_samples, 256)
+        return self.epoch_eval_samples
+
+    def _epoch_test_tensors(self, trainer: Trainer, limit: int | None) -> tuple[Tensor, Tensor] | None:
         if self._test_x is None:
             loader = _test_loader(trainer)
             if loader is None:
@@ -205,11 +212,11 @@ class ResultsReport(Callback):
                 xs.append(x)
                 ys.append(y)
                 total += len(y)
-                if self.epoch_eval_samples is not None and total >= self.epoch_eval_samples:
+                if limit is not None and total >= limit:
                     break
             if not xs:
                 return None
-            k = total if self.epoch_eval_samples is None else min(total, self.epoch_eval_samples)
+            k = total if limit is None else min(total, limit)
             self._test_x, self._test_y = torch.cat(xs)[:k], torch.cat(ys)[:k]
         assert self._test_y is not None
         return self._test_x, self._test_y
@@ -374,17 +381,18 @@ class ResultsReport(Callback):
 
     def _plot(self, path: Path, results: dict[str, Any]) -> bool:
         try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
         except ImportError:  # pragma: no cover - matplotlib is optional at runtime
             return False
         epochs = [r["epoch"] + 1 for r in self.history if "test_acc" in r]
         if not epochs:
             return False
         has_mem = any("memorization" in r for r in self.history)
-        fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(10 if has_mem else 5.5, 3.8), squeeze=False)
+        # The Agg canvas directly: no pyplot state; the caller's backend (e.g. a notebook's) is untouched.
+        fig = Figure(figsize=(10 if has_mem else 5.5, 3.8))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 2 if has_mem else 1, squeeze=False)
         ax = axes[0][0]
         ax.plot(epochs, [r["test_acc"] for r in self.history if "test_acc" in r], "o-", label="live weights")
         ema_rows = [r for r in self.history if "test_acc_ema" in r]
@@ -406,7 +414,6 @@ class ResultsReport(Callback):
             ax2.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         return True
 
     @staticmethod

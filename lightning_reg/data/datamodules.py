@@ -57,6 +57,9 @@ NoiseType = Literal["symmetric", "asymmetric", "pairflip"]
 #: Fashion-MNIST training-set pixel mean and standard deviation (of ``x / 255``).
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
+# Raw uint8 images and labels per (resolved folder, split); 55 MB for all of Fashion-MNIST.
+_RAW_CACHE: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
 
 class NoisyDataModule(L.LightningDataModule):
     """Shared logic of the built-in datamodules: subsets, validation split, label noise and loaders.
@@ -312,7 +315,11 @@ class FashionMNISTDataModule(NoisyDataModule):
         resolve_fashion_mnist_root(self.root, self.download)
 
     def load_split(self, split: str) -> tuple[Tensor, Tensor]:
-        images, labels = load_fashion_mnist(split, self.root, self.download)
+        folder = resolve_fashion_mnist_root(self.root, self.download)
+        key = (str(folder.resolve()), split)
+        if key not in _RAW_CACHE:  # parsed once per process (notebooks and tests build many datamodules)
+            _RAW_CACHE[key] = load_fashion_mnist(split, folder)
+        images, labels = _RAW_CACHE[key]
         x = images.float().div_(255.0).unsqueeze(1)
         if self.normalize:
             x = x.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
