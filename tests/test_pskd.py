@@ -211,6 +211,38 @@ def test_topk_must_be_below_num_classes() -> None:
         fit([PSKD(topk=NUM_CLASSES)], TinyNet(), max_epochs=1)
 
 
+class _ValLoss(TinyNet):
+    """Calls ``regularized_loss`` in ``validation_step`` too (a user pattern PS-KD must not react to)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, index = batch
+        self.log("val/loss", self.regularized_loss(self(x), y, index, x=x, log=False), batch_size=len(y))
+
+
+class _TableSnapshots(L.Callback):
+    def __init__(self, cb: PSKD) -> None:
+        self.cb, self.pairs, self._before = cb, [], None  # type: ignore[var-annotated]
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._before = self.cb.table.dense().clone() if self.cb.table.is_allocated else None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._before is not None:
+            self.pairs.append((self._before, self.cb.table.dense().clone()))
+
+
+def test_validation_does_not_touch_the_table() -> None:
+    from tests.helpers import trainer_kwargs
+
+    cb = PSKD()
+    snaps = _TableSnapshots(cb)
+    trainer = L.Trainer(callbacks=[cb, snaps], max_epochs=2, **trainer_kwargs())
+    trainer.fit(_ValLoss(), train_dataloaders=make_loader(), val_dataloaders=make_loader(shuffle=False))
+    assert len(snaps.pairs) == 2
+    for before, after in snaps.pairs:
+        assert torch.equal(before, after)
+
+
 # -- composition ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pskd_first", [True, False], ids=["pskd_then_ls", "ls_then_pskd"])
 def test_composes_with_label_smoothing_in_both_orders(pskd_first: bool) -> None:

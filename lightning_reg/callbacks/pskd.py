@@ -42,7 +42,9 @@ class PSKD(LossRegularizer):
     ranks, vectorised, ``DistributedSampler`` padding handled). A sample never
     seen before (the whole first epoch, or a sample ``drop_last`` skipped) gets
     its hard label (``torch.where``, no host sync); the reference instead
-    writes one-hot rows in epoch 0, which is the same target.
+    writes one-hot rows in epoch 0, which is the same target. Outside the
+    training loop (e.g. ``regularized_loss`` called in ``validation_step``)
+    PS-KD leaves the target and the table alone.
 
     **Extension (not the paper).** ``teacher="ema"`` stores the prediction of an
     :class:`~lightning_reg.EMATeacher` (any callback with ``teacher_forward``)
@@ -216,6 +218,8 @@ class PSKD(LossRegularizer):
 
     def refine_target(self, ctx: StepContext) -> None:
         trainer = ctx.module.trainer
+        if not trainer.training:  # e.g. `regularized_loss` in validation_step: no targets to refine, no table writes
+            return
         index = ctx.require_index("PSKD")
         assert ctx.logits is not None
         self._ensure_table(trainer, ctx.logits)
