@@ -89,7 +89,7 @@ register(
     Case(
         name="clipping",
         factory=lambda: GradientClipping(rule="auto", percentile=50.0, history_size=8),
-        class_path="lightning_reg.callbacks.clipping.GradientClipping",
+        class_path="lightning_reg.GradientClipping",
         full_init_args={
             "max_norm": 0.5,
             "rule": "norm",
