@@ -201,22 +201,35 @@ def early_learning_curve_slope(x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Te
     return a * b / c * torch.exp(-(x**b) / c) * x ** (b - 1.0)
 
 
-def fit_early_learning_curve(y: Tensor, x: Tensor | None = None, max_iter: int = 500) -> tuple[Tensor, Tensor, Tensor]:
+def _solve3(a: Tensor, b: Tensor) -> Tensor:
+    """Solve a batch of 3×3 systems ``a x = b`` by Cramer's rule (much faster than LAPACK for tiny systems); a
+    singular or non-finite system gives a zero step."""
+    c0, c1, c2 = a[:, :, 0], a[:, :, 1], a[:, :, 2]
+    k12, k20, k01 = torch.linalg.cross(c1, c2), torch.linalg.cross(c2, c0), torch.linalg.cross(c0, c1)
+    det = (c0 * k12).sum(dim=1, keepdim=True)
+    x = torch.stack([(k12 * b).sum(dim=1), (k20 * b).sum(dim=1), (k01 * b).sum(dim=1)], dim=1) / det
+    ok = (det.abs() > 1e-300) & torch.isfinite(x).all(dim=1, keepdim=True)
+    return torch.where(ok, x, torch.zeros_like(x))
+
+
+def fit_early_learning_curve(y: Tensor, x: Tensor | None = None, max_iter: int = 200) -> tuple[Tensor, Tensor, Tensor]:
     r"""Fit :math:`f(x) = a(1 - e^{-x^b/c})` to one or several agreement curves, as ADELE does.
 
     ADELE fits with ``scipy.optimize.curve_fit`` under the bounds
     :math:`a, b \in [0, 1]`, :math:`c \ge 0` and the per-point uncertainties
     ``σ = geomspace(1, 0.1, T)`` (later points weigh up to 100× more). This is
-    the same weighted least squares, solved in pure torch (fp64, L-BFGS with
-    a strong-Wolfe line search) for all curves at once with the bounds as
-    reparametrisations :math:`a = \mathrm{sigmoid}(\alpha)`,
-    :math:`b = \mathrm{sigmoid}(\beta)`, :math:`c = e^{\gamma}`. It is
-    deterministic, so every DDP rank gets the same fit.
+    the same weighted least squares, solved in pure torch for all curves at
+    once: a batched, projected Levenberg–Marquardt in fp64 on CPU over
+    :math:`(a, b, \log c)` with :math:`a, b` projected onto ``[0, 1]``,
+    from three starts per curve (ADELE's ``p0 = (1, 1, 1)`` among them),
+    keeping the lowest cost. Every curve has its own damping, so each
+    converges as if fitted alone. It is deterministic, so every DDP rank gets
+    the same fit.
 
     Args:
         y: ``(T,)`` or ``(T, C)`` agreement values in ``[0, 1]``, one row per epoch.
         x: ``(T,)`` abscissae; default ``1, 2, …, T`` (the agreement after each epoch).
-        max_iter: L-BFGS iterations.
+        max_iter: Levenberg–Marquardt iterations (it stops earlier once no curve improves).
 
     Returns:
         ``(a, b, c)``, each ``(C,)`` (or scalars for a 1-D ``y``), fp64.
@@ -229,33 +242,63 @@ def fit_early_learning_curve(y: Tensor, x: Tensor | None = None, max_iter: int =
     """
     squeeze = y.dim() == 1
     yy = (y.unsqueeze(1) if squeeze else y).detach().to("cpu", torch.float64)
-    t = yy.shape[0]
+    t, n = yy.shape
     xx = torch.arange(1, t + 1, dtype=torch.float64) if x is None else x.detach().to("cpu", torch.float64)
-    xx = xx.unsqueeze(1)
-    inv_var = torch.logspace(0, -1, t, dtype=torch.float64).pow(-2).unsqueeze(1)
-    with torch.inference_mode(False), torch.enable_grad():
-        a0 = yy.amax(dim=0).clamp(0.05, 0.95)
-        params = torch.stack([torch.logit(a0), torch.zeros_like(a0), torch.zeros_like(a0)]).requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [params],
-            lr=1.0,
-            max_iter=max_iter,
-            tolerance_grad=1e-12,
-            tolerance_change=1e-15,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
+    xx = xx.clamp_min(1e-12).unsqueeze(1)  # (T, 1); x > 0 keeps log(x) finite
+    w = torch.logspace(0, -1, t, dtype=torch.float64).pow(-2)  # 1 / σ², (T,)
+    log_x = torch.log(xx)
+    lo = torch.tensor([0.0, 0.0, -30.0], dtype=torch.float64).unsqueeze(1)
+    hi = torch.tensor([1.0, 1.0, 30.0], dtype=torch.float64).unsqueeze(1)
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            a, b, c = torch.sigmoid(params[0]), torch.sigmoid(params[1]), torch.exp(params[2])
-            loss = (inv_var * (early_learning_curve(xx, a, b, c) - yy).pow(2)).sum()
-            loss.backward()
-            return loss
+    def residual_and_jacobian(p: Tensor) -> tuple[Tensor, Tensor]:
+        a, b, c = p[0], p[1], torch.exp(p[2])
+        xb = torch.exp(log_x * b)
+        e = torch.exp(-xb / c)
+        r = a * (1.0 - e) - yy
+        j = torch.stack([1.0 - e, a * e * xb * log_x / c, -a * e * xb / c], dim=-1)  # d f / d(a, b, log c)
+        return r, j
 
-        opt.step(closure)
-        p = params.detach()
-    a, b, c = torch.sigmoid(p[0]), torch.sigmoid(p[1]), torch.exp(p[2])
+    def loss_of(r: Tensor) -> Tensor:
+        return (w.unsqueeze(1) * r.pow(2)).sum(dim=0)
+
+    # Three starts per curve, fitted side by side; the lowest cost wins: ADELE's p0 = (1, 1, 1),
+    # (max y, 0.5, 1) and a slow curve (1, 0.5, e^2). Parameters: (a, b, log c), a and b projected on [0, 1].
+    starts = torch.tensor([[1.0, 1.0, 0.0], [0.5, 0.5, 0.0], [1.0, 0.5, 2.0]], dtype=torch.float64)
+    p = starts.repeat_interleave(n, dim=0).T.contiguous()  # (3, K*C)
+    p[0, n : 2 * n] = yy.amax(dim=0).clamp(0.0, 1.0)
+    yy = yy.repeat(1, len(starts))
+    r, j = residual_and_jacobian(p)
+    loss = loss_of(r)
+    lam = torch.full_like(loss, 1e-3)
+    done = torch.zeros_like(loss, dtype=torch.bool)
+    eye = torch.eye(3, dtype=torch.float64)
+    for _ in range(max_iter):
+        g = torch.einsum("tci,tc,t->ci", j, r, w)
+        # Active set: a parameter on a bound whose descent direction leaves the box is held fixed this step.
+        held = ((p.T <= lo.T) & (g > 0)) | ((p.T >= hi.T) & (g < 0))  # (K*C, 3)
+        jf = j * (~held).unsqueeze(0)
+        g = g * ~held
+        jtj = torch.einsum("tci,tcj,t->cij", jf, jf, w) + torch.diag_embed(held.double())
+        damp = lam[:, None, None] * (torch.diag_embed(torch.diagonal(jtj, dim1=1, dim2=2)) + 1e-9 * eye)
+        step = _solve3(jtj + damp, -g)
+        p_new = torch.minimum(torch.maximum(p + step.T, lo), hi)  # projected onto the bounds
+        r_new, j_new = residual_and_jacobian(p_new)
+        loss_new = loss_of(r_new)
+        better = torch.isfinite(loss_new) & (loss_new < loss) & ~done
+        # scipy's stopping rules (ftol = xtol = 1e-8): a tiny relative decrease of the cost or a tiny step.
+        moved = (p_new - p).norm(dim=0)
+        small = ((loss - loss_new) < 1e-8 * loss) | (moved < 1e-8 * (p.norm(dim=0) + 1e-8)) | (loss_new < 1e-24)
+        p = torch.where(better, p_new, p)
+        r = torch.where(better, r_new, r)
+        j = torch.where(better[None, :, None], j_new, j)
+        loss = torch.where(better, loss_new, loss)
+        lam = torch.where(better, lam / 3.0, lam * 3.0).clamp(1e-12, 1e12)
+        done |= (better & small) | (lam >= 1e10)
+        if bool(done.all()):
+            break
+    best = loss.view(len(starts), n).argmin(dim=0) * n + torch.arange(n)
+    p = p[:, best]
+    a, b, c = p[0], p[1], torch.exp(p[2])
     if squeeze:
         return a[0], b[0], c[0]
     return a, b, c
