@@ -101,9 +101,54 @@ def _elr(setting: Setting) -> list[Callback]:
 # first callback with per-sample soft targets (`targets`, `given_labels`, `seen` like `ELR`), else the
 # final model's predictions.
 # ======================================================================================================
+# NoisyLabelConsistency arms (issue 8): UDA's target settings (τ=0.4, threshold 0.8, KL), weight 1 with Mean
+# Teacher's sigmoid ramp over the first 5 epochs, and MIC-style views: a random horizontal flip, then 4-px patches
+# masked at ratio 0.5. The EMA teacher uses decay 0.99 (a ~100-step horizon, ~3 epochs here; MIC's 0.999 suits
+# runs of tens of thousands of steps).
+CONSISTENCY_DESC = "self, τ=0.4, thr 0.8, flip + 4-px patch mask 0.5"
+
+
+def _consistency(teacher: str = "self") -> Callback:
+    from lightning_reg.augment import Compose, PatchMask, RandomFlip
+    from lightning_reg.callbacks.consistency import NoisyLabelConsistency
+
+    views = Compose([RandomFlip(p=0.5), PatchMask(patch_size=4, mask_ratio=0.5)])
+    return NoisyLabelConsistency(
+        teacher=teacher,  # type: ignore[arg-type]
+        augmentation=views,
+        temperature=0.4,
+        threshold=0.8,
+        divergence="kl",
+        weight=1.0,
+        rampup="sigmoid_rampup",
+        rampup_epochs=5.0,
+    )
+
+
+def _cons_self(setting: Setting) -> list[Callback]:
+    return [_consistency("self")]
+
+
+def _cons_ema(setting: Setting) -> list[Callback]:
+    from lightning_reg.callbacks.ema import EMATeacher
+
+    return [_consistency("ema"), EMATeacher(decay=0.99, eval_with_ema=False)]
+
+
+def _cons_elr(setting: Setting) -> list[Callback]:
+    return [ELR(beta=setting.elr_beta, lam=setting.elr_lam), _consistency("self")]
+
+
 ARMS: list[Arm] = [
     Arm("CE", _ce),
     Arm("ELR", _elr, describe=lambda s: f"β={s.elr_beta:g}, λ={s.elr_lam:g}"),
+    Arm("Consistency (self)", _cons_self, describe=lambda s: CONSISTENCY_DESC),
+    Arm("Consistency + EMATeacher", _cons_ema, describe=lambda s: CONSISTENCY_DESC.replace("self", "EMA 0.99")),
+    Arm(
+        "Consistency + ELR",
+        _cons_elr,
+        describe=lambda s: f"ELR β={s.elr_beta:g}, λ={s.elr_lam:g}; consistency {CONSISTENCY_DESC}",
+    ),
 ]
 # ====================================================================================================== end of ARMS
 
