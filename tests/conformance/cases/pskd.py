@@ -32,7 +32,7 @@ register(
     Case(
         name="pskd",
         factory=lambda: PSKD(alpha_T=0.8),
-        class_path="lightning_reg.callbacks.pskd.PSKD",
+        class_path="lightning_reg.PSKD",
         full_init_args={
             "alpha_T": 0.5,
             "schedule": "cosine",
