@@ -60,9 +60,11 @@ class PSKD(LossRegularizer):
     * ``[PSKD(α_T), LabelSmoothing(ε)]``: ``q = (1-ε)·((1-α)·y + α·P_prev) + ε/C``.
 
     Both orders are valid and deterministic. PS-KD changes only the *base*
-    loss's target: loss terms (e.g. ELR, whose term uses its own table, and
-    any term that reads ``ctx.labels``/``ctx.given_labels``) keep using the
-    hard labels. Input-stage regularizers (e.g. :class:`~lightning_reg.Mixup`)
+    loss's target: ``ctx.labels``/``ctx.given_labels`` stay the hard labels,
+    so loss terms that read them are unaffected. With
+    :class:`~lightning_reg.ELR`, whose CE part is the module's base loss, that
+    CE becomes PS-KD's soft CE, while ELR's own term reads its own table and
+    its diagnostics record the given labels. Input-stage regularizers (e.g. :class:`~lightning_reg.Mixup`)
     mix the final target after PS-KD, which is correct for the target, but the
     student's prediction on a mixed input is not any one sample's: so
     ``PSKD(teacher="self")`` with an input-stage regularizer raises at
