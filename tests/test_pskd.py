@@ -267,6 +267,20 @@ def test_composes_with_label_smoothing_in_both_orders(pskd_first: bool) -> None:
         assert torch.equal(s["labels"], s["given"])
 
 
+def test_composes_with_elr() -> None:
+    elr_mod = pytest.importorskip("lightning_reg.callbacks.elr")
+    rec, pskd, elr = Recorder(), PSKD(alpha_T=0.8), elr_mod.ELR(beta=0.7, lam=3.0)
+    trainer, _ = fit([pskd, elr, rec], TinyNet(), max_epochs=2)
+    assert "train/loss_elr" in trainer.callback_metrics
+    for s in rec.steps:
+        # The base loss is the soft CE on PS-KD's target; ELR's term and diagnostics see the given labels.
+        assert s["base"] == pytest.approx(float(soft_cross_entropy(s["logits"], s["target"])), rel=1e-5)
+        assert torch.equal(s["labels"], s["given"])
+    assert elr.table.seen is not None and bool(elr.table.seen.all())
+    seen = elr.given_labels >= 0
+    assert torch.equal(elr.given_labels[seen], make_dataset(64).tensors[1][seen])
+
+
 def test_two_pskd_conflict() -> None:
     reason = PSKD().conflicts_with(PSKD(alpha_T=0.5))
     assert reason is not None and "keep a single `PSKD`" in reason
