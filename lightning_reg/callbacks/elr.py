@@ -243,7 +243,8 @@ class ELR(LossRegularizer):
         new = elr_updated_targets(old, self._update_probs(ctx), self.beta)
         stored = new / new.sum(dim=-1, keepdim=True) if self._compact else new
         self.table.write(index, stored, strategy=strategy)
-        self.meta.write(index, torch.stack([ctx.given_labels.to(new), visits + 1.0], dim=-1), strategy=strategy)
+        counted = torch.isfinite(new).all(dim=-1).to(visits.dtype)  # the table keeps the old row of a non-finite one
+        self.meta.write(index, torch.stack([ctx.given_labels.to(new), visits + counted], dim=-1), strategy=strategy)
         target = new
         mix = ctx.extras.get("mixup")
         if mix is not None:
