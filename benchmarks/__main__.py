@@ -76,7 +76,12 @@ def write_results(results: list[dict[str, Any]], suite: str, seconds: float, pat
         "",
     ]
     for r in results:
-        lines += [f"## {r['title']}", "", f"Command: `{r.get('command', 'python -m benchmarks run --only ' + r['name'])}`", ""]
+        lines += [
+            f"## {r['title']}",
+            "",
+            f"Command: `{r.get('command', 'python -m benchmarks run --only ' + r['name'])}`",
+            "",
+        ]
         lines += [r.get("markdown", "").strip(), ""]
         for plot in r.get("plots", []):
             lines += [f"![{Path(plot).stem}]({Path(plot).relative_to(HERE).as_posix()})", ""]
@@ -87,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the benchmark suite and write benchmarks/RESULTS.md")
-    run_p.add_argument("--suite", choices=["quick", "full"], default="quick",
-                       help="quick: <= 15 min on 2 CPU cores; full: more seeds and noise settings")
+    run_p.add_argument(
+        "--suite",
+        choices=["quick", "full"],
+        default="quick",
+        help="quick: <= 15 min on 2 CPU cores; full: more seeds and noise settings",
+    )
     run_p.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
     run_p.add_argument("--dry-run", action="store_true", help="import every benchmark and print the plan")
     run_p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="where to write the results")

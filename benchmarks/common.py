@@ -48,7 +48,11 @@ def make_data(
     true_y, noise_mask = y, torch.zeros_like(y, dtype=torch.bool)
     if noise_type is not None and noise_rate > 0:
         noisy = inject_label_noise(
-            y, 10, noise_type, noise_rate, seed=seed,
+            y,
+            10,
+            noise_type,
+            noise_rate,
+            seed=seed,
             class_map=FASHION_MNIST_ASYMMETRIC_MAP if noise_type == "asymmetric" else None,  # type: ignore[arg-type]
         )
         y, noise_mask = noisy.labels, noisy.noise_mask
@@ -123,8 +127,14 @@ def fit(
     """Seeded CPU fit without logging or checkpoints; returns the trainer and wall seconds."""
     L.seed_everything(seed, verbose=False)
     kw: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     kw.update(trainer_kwargs)
     trainer = L.Trainer(callbacks=list(callbacks), **kw)

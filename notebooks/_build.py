@@ -34,7 +34,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 print("fast mode" if FAST else "full mode", "- outputs in", OUT)"""
 
 RUN = '''\
-from lightning_reg.callbacks.report import ResultsReport
+from lightning_reg import ResultsReport
 
 
 def run(name, callbacks, model, datamodule, epochs, seed=0, **trainer_kwargs):
@@ -93,8 +93,7 @@ def quickstart() -> list:
         ),
         new_code_cell(RUN),
         new_code_cell(
-            "from lightning_reg import LabelSmoothing\n"
-            "from lightning_reg.callbacks.ema import EMATeacher\n"
+            "from lightning_reg import EMATeacher, LabelSmoothing\n"
             "from lightning_reg.models import SmallCNN\n\n"
             "EPOCHS = 1 if FAST else 8\n"
             "trainer, report, results = run(\n"
@@ -155,10 +154,8 @@ def noisy_labels() -> list:
         new_code_cell(SETUP),
         new_code_cell(RUN),
         new_code_cell(
+            "from lightning_reg import ELR, EMATeacher, NoisyLabelConsistency\n"
             "from lightning_reg.augment import PatchMask\n"
-            "from lightning_reg.callbacks.consistency import NoisyLabelConsistency\n"
-            "from lightning_reg.callbacks.ema import EMATeacher\n"
-            "from lightning_reg.callbacks.elr import ELR\n"
             "from lightning_reg.data.datamodules import FashionMNISTDataModule\n"
             "from lightning_reg.models import SmallCNN\n\n"
             "EPOCHS = 2 if FAST else 12\n"
@@ -247,8 +244,7 @@ def calibration() -> list:
         new_code_cell(SETUP),
         new_code_cell(RUN),
         new_code_cell(
-            "from lightning_reg import LabelSmoothing\n"
-            "from lightning_reg.callbacks.pskd import PSKD\n"
+            "from lightning_reg import PSKD, LabelSmoothing\n"
             "from lightning_reg.data.datamodules import FashionMNISTDataModule\n"
             "from lightning_reg.models import SmallCNN\n\n"
             "EPOCHS = 2 if FAST else 10\n"
@@ -326,8 +322,7 @@ def ema_dropout() -> list:
         new_code_cell(SETUP),
         new_code_cell(RUN),
         new_code_cell(
-            "from lightning_reg.callbacks.dropout import DropoutSchedule, EarlyDropout\n"
-            "from lightning_reg.callbacks.ema import EMATeacher\n"
+            "from lightning_reg import DropoutSchedule, EarlyDropout, EMATeacher\n"
             "from lightning_reg.data.datamodules import FashionMNISTDataModule\n"
             "from lightning_reg.models import MLPClassifier\n\n"
             "EPOCHS = 2 if FAST else 12\n"
@@ -335,7 +330,7 @@ def ema_dropout() -> list:
             "LIMIT = dict(limit_train_batches=4, limit_val_batches=1) if FAST else {}\n"
             "setups = {\n"
             "    'no dropout': lambda: [],\n"
-            "    'standard dropout 0.1': lambda: [DropoutSchedule(p=0.1, mode='standard')],\n"
+            "    'standard dropout 0.1': lambda: [DropoutSchedule(p=0.1, mode='standard', schedule='constant')],\n"
             "    'early dropout 0.1': lambda: [EarlyDropout(p=0.1, schedule='linear', cutoff_epochs=CUTOFF)],\n"
             "}\n"
             "runs = {}\n"
@@ -379,7 +374,7 @@ def clipping() -> list:
         new_code_cell(SETUP),
         new_code_cell(
             "from lightning.pytorch import Callback\n\n"
-            "from lightning_reg.callbacks.clipping import GradientClipping\n"
+            "from lightning_reg import GradientClipping\n"
             "from lightning_reg.data.datamodules import FashionMNISTDataModule\n"
             "from lightning_reg.models import SmallCNN\n\n\n"
             "class Telemetry(Callback):\n"

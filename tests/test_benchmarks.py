@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help() -> None:
@@ -33,9 +34,17 @@ def test_results_writer_builds_the_claims_table(tmp_path: Path) -> None:
 
     out = tmp_path / "R.md"
     write_results(
-        [{"name": "x", "title": "X", "markdown": "| a |\n|---|\n| 1 |",
-          "claims": [{"technique": "T", "claim": "c", "measured": "m", "verdict": "yes"}]}],
-        "quick", 60.0, out,
+        [
+            {
+                "name": "x",
+                "title": "X",
+                "markdown": "| a |\n|---|\n| 1 |",
+                "claims": [{"technique": "T", "claim": "c", "measured": "m", "verdict": "yes"}],
+            }
+        ],
+        "quick",
+        60.0,
+        out,
     )
     text = out.read_text()
     assert "| T | c | m | yes |" in text and "## X" in text and "torch" in text

@@ -95,12 +95,12 @@ def _callbacks(*entries: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_unknown_callback_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = _callbacks({"class_path": "lightning_reg.callbacks.elr.ELR", "init_args": {"betta": 0.7}})
+    cfg = _callbacks({"class_path": "lightning_reg.ELR", "init_args": {"betta": 0.7}})
     _expect_usage_error(tmp_path, capsys, cfg, "betta", "not accepted")
 
 
 def test_out_of_range_value_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = _callbacks({"class_path": "lightning_reg.callbacks.elr.ELR", "init_args": {"beta": 1.5}})
+    cfg = _callbacks({"class_path": "lightning_reg.ELR", "init_args": {"beta": 1.5}})
     _expect_usage_error(tmp_path, capsys, cfg, "Expected argument `beta` to be a float in [0, 1), but got 1.5.")
     cfg = {"data": {"init_args": {"noise_rate": 2.0}}}
     _expect_usage_error(tmp_path, capsys, cfg, "Expected argument `noise_rate` to be a float in [0, 1]")
@@ -113,14 +113,10 @@ def test_bad_schedule_name_is_a_usage_error(tmp_path: Path, capsys: pytest.Captu
 
 def test_conflicting_regularizers_are_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # PS-KD stores the student's prediction per sample; mixup's mixed inputs would corrupt it.
-    cfg = _callbacks(
-        {"class_path": "lightning_reg.callbacks.pskd.PSKD"}, {"class_path": "lightning_reg.callbacks.mixup.Mixup"}
-    )
+    cfg = _callbacks({"class_path": "lightning_reg.PSKD"}, {"class_path": "lightning_reg.Mixup"})
     _expect_usage_error(tmp_path, capsys, cfg, "Conflicting regularizers `PSKD` and `Mixup`")
     # Two stateful callbacks of one type: Lightning's own check, reported the same way.
-    cfg = _callbacks(
-        {"class_path": "lightning_reg.callbacks.pskd.PSKD"}, {"class_path": "lightning_reg.callbacks.pskd.PSKD"}
-    )
+    cfg = _callbacks({"class_path": "lightning_reg.PSKD"}, {"class_path": "lightning_reg.PSKD"})
     _expect_usage_error(tmp_path, capsys, cfg, "more than one stateful callback of type `PSKD`")
 
 
@@ -136,7 +132,7 @@ def test_schedules_are_configurable_from_yaml(tmp_path: Path) -> None:
                 },
             },
         },
-        {"class_path": "lightning_reg.callbacks.elr.ELR", "init_args": {"lam_schedule": "sigmoid_rampup"}},
+        {"class_path": "lightning_reg.ELR", "init_args": {"lam_schedule": "sigmoid_rampup"}},
     )
     cli = LightningRegCLI(args=["--config", str(_write(tmp_path, cfg))], run=False)
     ls = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "LabelSmoothing")
@@ -161,11 +157,11 @@ def test_own_model_and_synthetic_data(tmp_path: Path, monkeypatch: pytest.Monkey
             "enable_checkpointing": False,
             "enable_progress_bar": False,
             "callbacks": [
-                {"class_path": "lightning_reg.callbacks.elr.ELR"},
-                {"class_path": "lightning_reg.callbacks.report.ResultsReport", "init_args": {"print_table": False}},
+                {"class_path": "lightning_reg.ELR"},
+                {"class_path": "lightning_reg.ResultsReport", "init_args": {"print_table": False}},
             ],
         },
-        "model": {"class_path": "tests.helpers.TinyNet"},
+        "model": {"class_path": "tests.helpers.TinyNet", "init_args": {"num_classes": 4}},
         "data": {
             "class_path": "lightning_reg.data.datamodules.SyntheticDataModule",
             "init_args": {"num_train": 64, "num_test": 32, "num_classes": 4, "shape": [1, 8, 8], "noise_rate": 0.25},
@@ -174,12 +170,13 @@ def test_own_model_and_synthetic_data(tmp_path: Path, monkeypatch: pytest.Monkey
     cli = cli_main(["fit", "--config", str(_write(tmp_path, cfg))])
     results = cli.trainer.callbacks[1].results
     assert results["noise_rate"] == 0.25 and "memorization" in results and results["detection_source"] == "ELR targets"
+    assert 0.0 <= results["test_acc"] <= 1.0 and "test_ece" in results  # TinyNet has no test_step: evaluated directly
     assert (tmp_path / "suspected_labels.csv").exists() and (tmp_path / "test_accuracy.png").exists()
 
 
 @pytest.mark.skipif(shutil.which("lightning-reg") is None, reason="console script not installed")
 def test_console_script_reports_bad_yaml_without_traceback(tmp_path: Path) -> None:
-    cfg = _callbacks({"class_path": "lightning_reg.callbacks.ema.EMATeacher", "init_args": {"decay": 2.0}})
+    cfg = _callbacks({"class_path": "lightning_reg.EMATeacher", "init_args": {"decay": 2.0}})
     env = {**os.environ, "LIGHTNING_REG_SUMMARY": "0"}
     proc = subprocess.run(
         ["lightning-reg", "fit", "--config", str(_write(tmp_path, cfg))],

@@ -116,3 +116,14 @@ def test_suspects_and_csv(tmp_path: Path) -> None:
     assert int(rows[0]["index"]) == row0 and rows[0]["suggested_name"] == "abcd"[int(rows[0]["suggested_label"])]
     with pytest.raises(ValueError, match="Expected argument `min_confidence`"):
         suspected_mislabeled(scaled, given, min_confidence=2.0)
+
+
+def test_csv_names_labels_without_a_name(tmp_path: Path) -> None:
+    # A model with more outputs than the datamodule has class names: the extra labels are written as numbers.
+    soft = torch.tensor([[0.1, 0.0, 0.9], [0.8, 0.1, 0.1]])
+    suspects = suspected_mislabeled(soft, torch.tensor([0, 1]))
+    path = tmp_path / "s.csv"
+    assert write_suspected_csv(path, suspects, class_names=["a", "b"]) == 2
+    rows = {r["index"]: r for r in csv.DictReader(path.open())}
+    assert (rows["0"]["given_name"], rows["0"]["suggested_name"]) == ("a", "2")
+    assert (rows["1"]["given_name"], rows["1"]["suggested_name"]) == ("b", "a")

@@ -46,7 +46,7 @@ YAML::
 
     trainer:
       callbacks:
-        - class_path: lightning_reg.callbacks.report.ResultsReport
+        - class_path: lightning_reg.ResultsReport
           init_args: {ckpt: last, epoch_eval_samples: 2000}
 """
 
@@ -64,6 +64,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from lightning_reg.core.protocol import find_teacher
@@ -289,6 +290,8 @@ class ResultsReport(Callback):
     def _test(
         self, trainer: Trainer, model: LightningModule, datamodule: Any, ckpt_path: str | None, ema: Any, use_ema: bool
     ) -> dict[str, float]:
+        if not is_overridden("test_step", model):  # a user model without `test_step`: evaluate it directly
+            return self._direct_test(trainer, model, datamodule, ema, use_ema)
         previous = getattr(ema, "eval_with_ema", None) if ema is not None else None
         if ema is not None and previous is not None:
             ema.eval_with_ema = use_ema
@@ -303,6 +306,26 @@ class ResultsReport(Callback):
             short = key.split("/", 1)[1] if key.startswith("test/") else key
             renamed[f"test_{short}"] = float(value)
         return renamed
+
+    def _direct_test(
+        self, trainer: Trainer, model: LightningModule, datamodule: Any, ema: Any, use_ema: bool
+    ) -> dict[str, float]:
+        """Accuracy and 15-bin ECE over the whole test set, for models without a ``test_step``."""
+        from torchmetrics.functional.classification import multiclass_calibration_error
+
+        loader = (
+            datamodule.test_dataloader() if datamodule is not None and hasattr(datamodule, "test_dataloader") else None
+        )
+        if loader is None:
+            return {}
+        batches = [(b[0], b[1]) for b in loader]
+        if not batches:
+            return {}
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        fn = ema.teacher_forward if use_ema else model
+        probs = self._predict(trainer, model, fn, x, model.device)
+        ece = multiclass_calibration_error(probs, y, num_classes=probs.shape[1], n_bins=15, norm="l1")
+        return {"test_acc": _accuracy(probs, y), "test_ece": float(ece)}
 
     def _final_noise(self, trainer: Trainer, model: LightningModule, datamodule: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}

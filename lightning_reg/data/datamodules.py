@@ -65,7 +65,9 @@ class NoisyDataModule(L.LightningDataModule):
     """Shared logic of the built-in datamodules: subsets, validation split, label noise and loaders.
 
     Subclasses implement :meth:`load_split`, returning ``(images, labels)`` for
-    ``"train"`` and ``"test"``.
+    ``"train"`` and ``"test"``, and may override :meth:`prepare_images`, which
+    turns the selected raw images into model inputs (it runs after the subset
+    is taken, so a small ``train_subset`` converts only what it uses).
 
     Args:
         batch_size: Training batch size.
@@ -134,8 +136,12 @@ class NoisyDataModule(L.LightningDataModule):
 
     # -- to implement ----------------------------------------------------------------------------
     def load_split(self, split: str) -> tuple[Tensor, Tensor]:
-        """Return ``(float images (N, C, H, W), int64 labels (N,))`` of ``"train"`` or ``"test"``."""
+        """Return ``(raw images (N, ...), int64 labels (N,))`` of ``"train"`` or ``"test"``."""
         raise NotImplementedError
+
+    def prepare_images(self, images: Tensor) -> Tensor:
+        """Turn selected raw images into float model inputs ``(n, C, H, W)`` (default: unchanged)."""
+        return images
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -145,7 +151,7 @@ class NoisyDataModule(L.LightningDataModule):
             x, y = self.load_split("test")
             if self.test_subset is not None:
                 x, y = x[: self.test_subset], y[: self.test_subset]
-            self.test_dataset = TensorDataset(x, y)
+            self.test_dataset = TensorDataset(self.prepare_images(x), y.clone())
 
     def _setup_train(self) -> None:
         x, y = self.load_split("train")
@@ -174,7 +180,7 @@ class NoisyDataModule(L.LightningDataModule):
         else:
             given, true = y[order].clone(), y[order].clone()
         train_sel, val_sel = slice(n_val, None), slice(0, n_val)
-        xs = x[order]
+        xs = self.prepare_images(x[order])
         self.given_labels = given[train_sel].clone()
         self.true_labels = true[train_sel].clone()
         self.noise_mask = self.given_labels != self.true_labels
@@ -319,11 +325,13 @@ class FashionMNISTDataModule(NoisyDataModule):
         key = (str(folder.resolve()), split)
         if key not in _RAW_CACHE:  # parsed once per process (notebooks and tests build many datamodules)
             _RAW_CACHE[key] = load_fashion_mnist(split, folder)
-        images, labels = _RAW_CACHE[key]
+        return _RAW_CACHE[key]
+
+    def prepare_images(self, images: Tensor) -> Tensor:
         x = images.float().div_(255.0).unsqueeze(1)
         if self.normalize:
             x = x.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
-        return x, labels
+        return x
 
 
 class SyntheticDataModule(NoisyDataModule):

@@ -146,7 +146,7 @@ def download_fashion_mnist(dest: str | Path, base_url: str = FASHION_MNIST_URL, 
         if target.is_file():
             continue
         tmp = target.with_suffix(".part")
-        with urllib.request.urlopen(base_url + stem + ".gz", timeout=timeout) as resp:  # noqa: S310
+        with urllib.request.urlopen(base_url + stem + ".gz", timeout=timeout) as resp:
             tmp.write_bytes(resp.read())
         tmp.rename(target)
     return dest

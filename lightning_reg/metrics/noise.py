@@ -282,7 +282,12 @@ def write_suspected_csv(path: str | Path, suspects: SuspectedLabels, class_names
         for i, g, s, c in rows:
             row: list[Any] = [i, g, s, f"{c:.6f}"]
             if class_names is not None:
-                row += [class_names[g], class_names[s]]
+                row += [_name(class_names, g), _name(class_names, s)]
             writer.writerow(row)
             count += 1
     return count
+
+
+def _name(class_names: list[str], label: int) -> str:
+    """The class name of ``label``, or the label itself when the model has more classes than names."""
+    return class_names[label] if 0 <= label < len(class_names) else str(label)
