@@ -58,7 +58,8 @@ def test_pipeline_runs_stages_in_order_then_callback_order() -> None:
     CALLS.clear()
     cbs = [Tag("l1", "loss"), Tag("t1", "target"), Tag("i1", "input"), Tag("b1", "label"), Tag("t2", "target")]
     fit(cbs, max_steps=1)
-    assert CALLS == ["input:i1", "label:b1", "target:t1", "target:t2", "loss:l1"]
+    # An input-stage regularizer's `refine_target` runs after the target stage (mixup mixes the refined target).
+    assert CALLS == ["input:i1", "label:b1", "target:t1", "target:t2", "target:i1", "loss:l1"]
 
 
 def test_loss_regularizer_without_mixin_fails_with_the_fix() -> None:

@@ -36,7 +36,7 @@ the one abstraction they share. It is modelled on torchmetrics' ``add_state``:
 
 Example:
     >>> import torch
-    >>> table = PerSampleTable(num_samples=4, num_columns=3)
+    >>> table = PerSampleTable(num_samples=4, num_columns=3).allocate()
     >>> table.write(torch.tensor([2, 0]), torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]))
     >>> rows, seen = table.read(torch.tensor([0, 1, 2]))
     >>> rows.tolist(), seen.tolist()

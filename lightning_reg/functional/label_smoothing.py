@@ -24,6 +24,7 @@ def label_smoothing_targets(target: Tensor, smoothing: float) -> Tensor:
         The ``(B, C)`` smoothed target.
 
     Example:
+        >>> import torch
         >>> label_smoothing_targets(torch.tensor([[0.0, 1.0, 0.0, 0.0]]), 0.1)
         tensor([[0.0250, 0.9250, 0.0250, 0.0250]])
     """
