@@ -88,6 +88,35 @@ def write_results(results: list[dict[str, Any]], suite: str, seconds: float, pat
     path.write_text("\n".join(lines))
 
 
+def sync_readme(results: list[dict[str, Any]], readme: Path) -> list[str]:
+    """Copy the results into the README's marked blocks, so every number there comes from this run.
+
+    ``<!-- results:claims:start -->`` ... ``<!-- results:claims:end -->`` receives the claims table, and
+    ``<!-- results:NAME:start -->`` ... ``<!-- results:NAME:end -->`` the markdown of benchmark ``NAME``.
+    Blocks of benchmarks that did not run are left alone. Returns the names of the blocks updated.
+    """
+    if not readme.is_file():
+        return []
+    text = readme.read_text()
+    blocks = {"claims": _claims_table(results) if any(r.get("claims") for r in results) else None}
+    for r in results:
+        plots = "".join(
+            f"\n\n![{Path(p).stem}](benchmarks/{Path(p).relative_to(HERE).as_posix()})" for p in r.get("plots", [])
+        )
+        blocks[r["name"]] = r.get("markdown", "").strip() + plots
+    updated = []
+    for name, body in blocks.items():
+        start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+        if body is None or start not in text or end not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+        updated.append(name)
+    readme.write_text(text)
+    return updated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
     run_p.add_argument("--dry-run", action="store_true", help="import every benchmark and print the plan")
     run_p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="where to write the results")
+    run_p.add_argument(
+        "--sync-readme",
+        action="store_true",
+        help="also copy the claims table and each benchmark's tables into README.md's marked blocks",
+    )
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -134,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     write_results(results, args.suite, seconds, args.output)
     console.print(f"wrote {args.output} in {seconds / 60:.1f} min")
+    if args.sync_readme:
+        updated = sync_readme(results, HERE.parent / "README.md")
+        console.print("updated README blocks: " + (", ".join(updated) or "none"))
     return 0
 
 

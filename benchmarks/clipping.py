@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import markdown_table, rich_table
+from benchmarks.common import load_note, markdown_table, rich_table
 from lightning_reg.callbacks.clipping import GradientClipping
 from lightning_reg.functional.clipping import TensorBuckets, adaptive_clip_grad_, clip_grad_norm_
 
@@ -257,8 +257,8 @@ def run(suite: str = "quick") -> dict[str, Any]:
         (r for r in rows if r["method"].startswith(("GradientClipping", "ours"))), key=lambda r: r["vs_bound"]
     )
     reading = (
-        f"Single-threaded (`torch.set_num_threads(1)`), {rounds} interleaved rounds, median per call; other jobs shared"
-        " the 2 cores, so absolute times are noisy and only the side-by-side ratios are meaningful. Norm clipping"
+        f"Single-threaded (`torch.set_num_threads(1)`), {rounds} interleaved rounds, median per call; only the"
+        " side-by-side ratios are meaningful on a shared machine. Norm clipping"
         f" costs {norm_ratio:.2f}× `clip_grad_norm_(foreach=True)` at worst with `nonfinite='ignore'` (same"
         f" passes: one fp32 `_foreach_norm`, one `_foreach_mul_`), and {norm_skip_ratio:.2f}× with the default"
         " `nonfinite='skip'` (on CPU it reads one flag; on GPU it would add a masked fill instead). The callback's"
@@ -293,6 +293,7 @@ def run(suite: str = "quick") -> dict[str, Any]:
             "verdict": "yes" if worst_bound["vs_bound"] <= 2 else "no",
         },
     ]
+    reading += " " + load_note()
     markdown = "\n\n".join(["### Gradient sets and the bandwidth bound", sizes, "### Time per call", table, reading])
     return {
         "title": "Gradient clipping: throughput of every rule",

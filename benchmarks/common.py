@@ -184,3 +184,14 @@ def time_fn(fn: Callable[[], Any], repeat: int = 20, warmup: int = 3) -> float:
 
 def finite_or_nan(x: float) -> float:
     return x if math.isfinite(x) else float("nan")
+
+
+def load_note() -> str:
+    """A sentence with the machine's measured 1-minute load average (timings are noisy when it exceeds the cores)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return ""
+    cores = os.cpu_count() or 1
+    busy = "busy: absolute times are noisy" if load > cores else "otherwise idle"
+    return f"Load average at the end of this benchmark: {load:.1f} on {cores} cores ({busy})."

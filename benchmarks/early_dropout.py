@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from benchmarks.common import evaluate, fashion_mnist, fit, markdown_table, mean_std, rich_table, train_loss
+from benchmarks.common import evaluate, fashion_mnist, fit, load_note, markdown_table, mean_std, rich_table, train_loss
 from lightning_reg.callbacks.dropout import EarlyDropout
 from lightning_reg.models import MLPClassifier
 
@@ -40,7 +40,7 @@ __all__ = ["SUITES", "run"]
 
 SUITES: dict[str, dict[str, Any]] = {
     # ~2 minutes on an idle 2-core CPU: 9 fits of 4 epochs at batch 512 (118 optimizer steps per epoch).
-    "quick": {"seeds": [0, 1, 2], "epochs": 4, "cutoff_epochs": 1.0, "batch_size": 512, "hidden": [32], "p": 0.1},
+    "quick": {"seeds": [0, 1, 2, 3, 4], "epochs": 4, "cutoff_epochs": 1.0, "batch_size": 512, "hidden": [32], "p": 0.1},
     "full": {"seeds": [0, 1, 2, 3, 4], "epochs": 12, "cutoff_epochs": 3.0, "batch_size": 256, "hidden": [32], "p": 0.1},
 }
 ARMS = ("none", "early", "standard")
@@ -167,8 +167,7 @@ def run(suite: str = "quick") -> dict[str, Any]:
         f" {mean_std(d_loss, 4)} relative to no dropout (lower in {wins}/{len(d_loss)} seeds; paired t = {t_stat:.2f})"
         f" and test accuracy by {mean_std(d_acc, 2, 100.0)} points; standard dropout changes the training loss by"
         f" {mean_std(d_std, 4)}. {verdict} The paper's evidence is for ImageNet-scale ViTs trained for hundreds of"
-        " epochs; a narrow MLP trained for a few epochs is a much weaker test. Timings were taken on a shared, loaded"
-        " CPU and are only indicative."
+        " epochs; a narrow MLP trained for a few epochs is a much weaker test. " + load_note()
     )
     markdown = "\n\n".join(
         [
@@ -196,6 +195,16 @@ def run(suite: str = "quick") -> dict[str, Any]:
         "markdown": markdown,
         "rows": rows,
         "table": {"header": header, "rows": table},
+        "claims": [
+            {
+                "technique": "EarlyDropout (underfitting MLP)",
+                "claim": "early dropout lowers the final training loss of an underfitting model vs no dropout"
+                " (and raises accuracy: ViT-T ImageNet top-1 73.9 → 74.3)",
+                "measured": f"train loss {mean_std(d_loss, 4)} (early − none, paired over {len(d_loss)} seeds, t ="
+                f" {t_stat:.2f}); test acc {mean_std(d_acc, 2, 100.0)} points",
+                "verdict": "yes" if significant and t_stat < 0 else ("direction only" if t_stat < 0 else "no"),
+            }
+        ],
     }
 
 

@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from benchmarks.common import markdown_table, rich_table
+from benchmarks.common import load_note, markdown_table, rich_table
 from lightning_reg.callbacks.ema import EMATeacher
 from lightning_reg.functional.ema import ema_decay
 
@@ -286,8 +286,9 @@ def run(suite: str = "quick") -> dict[str, Any]:
         + "On a CPU `_foreach_lerp_` is a loop of per-tensor `lerp_` calls; with several threads each call ends in a "
         "thread barrier, and on this 2-core machine shared with other jobs a barrier can wait a whole scheduler time "
         "slice, so multi-threaded figures (full suite) sit far above the single-op bound for every per-tensor method "
-        "alike. The machine was heavily loaded by other jobs: absolute times are noisy, and even the per-round ratios "
-        "move by ±10–20% between runs. GPU figures are pending (no GPU here)."
+        "alike. Per-round ratios move by ±10–20% between runs on a shared machine. "
+        + load_note()
+        + (" GPU figures are pending (no GPU here)." if not torch.cuda.is_available() else "")
     )
     markdown = "\n\n".join(
         [

@@ -298,9 +298,8 @@ def run(suite: str = "quick", threads: int = 1) -> dict[str, Any]:
         " CPU step or less. On the CPU the reference's plain fancy-index write is the cheapest, since ours adds a"
         " bounds check, de-duplication of DDP padding, non-finite protection and the seen mask; its DDP path, a"
         " Python loop over the gathered rows, grows with the number of rows (and on a GPU each row is a kernel"
-        " launch and a host sync). CPU timings on this shared machine are noisy; the ratios were measured"
-        " side by side in one process, and the fit wall times (fit s/run) are dominated by the machine's load, not"
-        " by the table."
+        " launch and a host sync). The ratios were measured side by side in one process; the fit wall times"
+        " (fit s/run) depend on the machine's load more than on the table."
     )
     markdown = "\n\n".join(
         [

@@ -48,3 +48,27 @@ def test_results_writer_builds_the_claims_table(tmp_path: Path) -> None:
     )
     text = out.read_text()
     assert "| T | c | m | yes |" in text and "## X" in text and "torch" in text
+
+
+def test_sync_readme_fills_only_marked_blocks(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.__main__ import sync_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n<!-- results:claims:start -->\nstale claims\n<!-- results:claims:end -->\nmiddle\n"
+        "<!-- results:x:start -->\nstale x\n<!-- results:x:end -->\n<!-- results:y:start -->\nkeep\n"
+        "<!-- results:y:end -->\nend\n"
+    )
+    results = [
+        {
+            "name": "x",
+            "title": "X",
+            "markdown": "| a |\n|---|\n| 1 |",
+            "claims": [{"technique": "T", "claim": "c", "measured": "m", "verdict": "yes"}],
+        }
+    ]
+    assert sync_readme(results, readme) == ["claims", "x"]
+    text = readme.read_text()
+    assert "| T | c | m | yes |" in text and "| 1 |" in text and "stale" not in text
+    assert "keep" in text and text.startswith("intro\n") and text.endswith("end\n")
