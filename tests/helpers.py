@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -152,6 +155,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ddp_script(module: str, *args: str, timeout: float = 300) -> None:
+    """Run ``python -m module *args`` as a 2-process DDP launcher (gloo on CPU) and fail with its stderr."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def have_fashion_mnist() -> bool:
+    """Whether the Fashion-MNIST IDX files can be found offline."""
+    from lightning_reg.data.fashion_mnist import resolve_fashion_mnist_root
+
+    try:
+        resolve_fashion_mnist_root()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def assert_state_equal(a: Any, b: Any, path: str = "", atol: float = 0.0, rtol: float = 0.0) -> None:

@@ -13,21 +13,13 @@ import pytest
 import yaml
 
 from lightning_reg.cli import LightningRegCLI, cli_main
-from lightning_reg.data.fashion_mnist import resolve_fashion_mnist_root
+from tests.helpers import have_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-def _have_fashion_mnist() -> bool:
-    try:
-        resolve_fashion_mnist_root()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+needs_data = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
 
 
 def _callback_paths(config: Path) -> list[str]:

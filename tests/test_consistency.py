@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +31,7 @@ from lightning_reg.functional.consistency import (
     fit_early_learning_curve,
     sharpen,
 )
-from tests.helpers import TinyNet, assert_state_equal, fit, free_port, make_dataset, trainer_kwargs
+from tests.helpers import TinyNet, assert_state_equal, fit, make_dataset, run_ddp_script, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -530,17 +529,7 @@ def _ddp_worker(out_dir: str) -> None:
 def test_ddp_two_processes_with_extra_forwards_and_corrections(tmp_path: Path) -> None:
     """`strategy="ddp"` (find_unused_parameters=False) with the EMA-teacher target, three multi-scale views and
     label correction: it must run (no unused-parameter or reducer errors), and the ranks must agree."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_consistency", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_script("tests.test_consistency", str(tmp_path), timeout=600)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert_state_equal(r0["model"], r1["model"], "model")

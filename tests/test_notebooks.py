@@ -13,18 +13,10 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-from lightning_reg.data.fashion_mnist import resolve_fashion_mnist_root  # noqa: E402
+from tests.helpers import have_fashion_mnist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-
-
-def _have_fashion_mnist() -> bool:
-    try:
-        resolve_fashion_mnist_root()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _builder():  # type: ignore[no-untyped-def]
@@ -49,7 +41,7 @@ def test_committed_notebook_has_no_outputs(path: Path) -> None:
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: outputs not stripped"
 
 
-@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_in_fast_mode(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIGHTNING_REG_NB_FAST", "1")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from lightning_reg.core.protocol import LossRegularizer, StepContext, soft_cross
 from lightning_reg.data import IndexedDataset, ResumableDataLoader
 from lightning_reg.functional.label_smoothing import label_smoothing_targets
 from lightning_reg.functional.pskd import pskd_alpha, pskd_soft_targets, target_entropy
-from tests.helpers import NUM_CLASSES, TinyNet, assert_state_equal, fit, free_port, make_dataset, make_loader
+from tests.helpers import NUM_CLASSES, TinyNet, assert_state_equal, fit, make_dataset, make_loader, run_ddp_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -398,17 +395,7 @@ def test_ddp_table_equals_single_process_with_padding(tmp_path: Path) -> None:
     """2-rank DDP on 61 samples (DistributedSampler pads index 0 twice) gives the single-process table."""
     from tests.conformance.ddp_worker import run as run_worker
 
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.conformance.ddp_worker", "pskd", str(tmp_path), "ddp"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_script("tests.conformance.ddp_worker", "pskd", str(tmp_path), "ddp", timeout=300)
     tables = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=False)["callbacks"][0]["table"] for r in (0, 1)]
     single = run_worker("pskd", str(tmp_path), "single")["callbacks"][0]["table"]
     assert tables[0]["num_samples"] == 61 and bool(tables[0]["seen"].all())

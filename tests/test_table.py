@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_reg.core.table import PerSampleTable, dedupe_last
-from tests.helpers import assert_state_equal, free_port
+from tests.helpers import assert_state_equal, run_ddp_script
 from tests.table_ddp_worker import C, N, rows_for, run, single_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,17 +122,7 @@ def test_single_process_equivalent_by_hand(tmp_path: Path) -> None:
 
 
 def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.table_ddp_worker", str(tmp_path), "ddp"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_script("tests.table_ddp_worker", str(tmp_path), "ddp", timeout=300)
     r0 = torch.load(tmp_path / "ddp_rank0.pt")
     r1 = torch.load(tmp_path / "ddp_rank1.pt")
     single = run(str(tmp_path), "single").state_dict()

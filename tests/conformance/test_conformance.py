@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from lightning_reg.core.protocol import LossRegularizer, MissingIndexError
 from lightning_reg.data import IndexedDataset
 from tests.conformance.ddp_worker import run as run_worker
 from tests.conformance.registry import Case, load_all
-from tests.helpers import TinyNet, assert_state_equal, fit, free_port, make_dataset, make_loader
+from tests.helpers import TinyNet, assert_state_equal, fit, make_dataset, make_loader, run_ddp_script
 
 CASES = load_all()
 IDS = sorted(CASES)
@@ -91,17 +88,7 @@ def test_resume_is_exact(name: str, where: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", IDS)
 def test_ddp_two_process_cpu(name: str, tmp_path: Path) -> None:
     case = _case(name)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.conformance.ddp_worker", name, str(tmp_path), "ddp"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_script("tests.conformance.ddp_worker", name, str(tmp_path), "ddp", timeout=300)
     r0 = torch.load(tmp_path / "ddp_rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "ddp_rank1.pt", weights_only=False)
     assert_state_equal(r0["model"], r1["model"], "model(rank0 vs rank1)")
