@@ -103,11 +103,11 @@ def _elr_sym_values(setting: Setting) -> list[Callback]:
 
 # ======================================================================================================
 # ARMS: every compared method, in table order. Add new arms HERE, one `Arm(...)` per method (e.g. the
-# NoisyLabelConsistency arms of issue 8). The runner adds the test-accuracy recorder; the detector is the
+# NoisyLabelConsistency arms). The runner adds the test-accuracy recorder; the detector is the
 # first callback with per-sample soft targets (`targets`, `given_labels`, `seen` like `ELR`), else the
 # final model's predictions.
 # ======================================================================================================
-# NoisyLabelConsistency arms (issue 8): UDA's target settings (τ=0.4, threshold 0.8, KL), weight 1 with Mean
+# NoisyLabelConsistency arms: UDA's target settings (τ=0.4, threshold 0.8, KL), weight 1 with Mean
 # Teacher's sigmoid ramp over the first 5 epochs, and MIC-style views: a random horizontal flip, then 4-px patches
 # masked at ratio 0.5. The EMA teacher uses decay 0.99 (a ~100-step horizon, ~3 epochs here; MIC's 0.999 suits
 # runs of tens of thousands of steps).

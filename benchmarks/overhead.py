@@ -313,14 +313,14 @@ def run(suite: str = "quick") -> dict[str, Any]:
     claims = [
         {
             "technique": "every callback (overhead)",
-            "claim": "(issue target) bookkeeping ≤ 5 % of the step for each callback",
+            "claim": "(our target) bookkeeping ≤ 5 % of the step for each callback",
             "measured": f"worst {worst['name']} {100 * worst['bookkeeping']:+.1f} %"
             + (f"; over target: {', '.join(over)}" if over else ""),
             "verdict": "yes" if not over else "no",
         },
         {
             "technique": "all six composed (overhead)",
-            "claim": "(issue target) bookkeeping ≤ 10 % of the step, excluding the inherent extra forwards",
+            "claim": "(our target) bookkeeping ≤ 10 % of the step, excluding the inherent extra forwards",
             "measured": f"{100 * composed['bookkeeping']:+.1f} %",
             "verdict": "yes" if composed["bookkeeping"] <= composed["target"] else "no",
         },
