@@ -9,7 +9,7 @@ TORCH_SPEC=${LIGHTNING_REG_TORCH:-torch==2.13.0}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
-if ! "$PY" -c "import lightning_reg, pytest, ruff, mypy, nbclient, matplotlib" >/dev/null 2>&1 \
+if ! "$PY" -c "import lightning_reg, pytest, ruff, mypy, nbclient, matplotlib, scipy" >/dev/null 2>&1 \
    || ! command -v lightning-reg >/dev/null 2>&1; then
   "$PY" -m pip install -q -e ".[dev]"
 fi

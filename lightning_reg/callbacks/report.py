@@ -313,9 +313,7 @@ class ResultsReport(Callback):
         """Accuracy and 15-bin ECE over the whole test set, for models without a ``test_step``."""
         from torchmetrics.functional.classification import multiclass_calibration_error
 
-        loader = (
-            datamodule.test_dataloader() if datamodule is not None and hasattr(datamodule, "test_dataloader") else None
-        )
+        loader = _test_loader(trainer, datamodule)
         if loader is None:
             return {}
         batches = [(b[0], b[1]) for b in loader]
@@ -524,8 +522,8 @@ def _find_elr(trainer: Trainer) -> Any:
     return None
 
 
-def _test_loader(trainer: Trainer) -> Any:
-    dm = _datamodule(trainer)
+def _test_loader(trainer: Trainer, datamodule: Any = None) -> Any:
+    dm = datamodule if datamodule is not None else _datamodule(trainer)
     if dm is None or not hasattr(dm, "test_dataloader"):
         return None
     try:
