@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int
+from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int, resolve_named
 
 __all__ = [
     "Augmentation",
@@ -467,15 +467,4 @@ def get_augmentation(augmentation: AugmentationLike, name: str = "augmentation")
         >>> get_augmentation("flip")
         RandomFlip(p=0.5, dims=[-1])
     """
-    if isinstance(augmentation, Augmentation):
-        return augmentation
-    if isinstance(augmentation, str):
-        if augmentation not in _NAMED:
-            raise ValueError(
-                f"Expected argument `{name}` to be one of {sorted(_NAMED)} or an `Augmentation`, but got"
-                f" {augmentation!r}."
-            )
-        return _NAMED[augmentation]()
-    raise TypeError(
-        f"Expected argument `{name}` to be a str or an `Augmentation`, but got {type(augmentation).__name__}."
-    )
+    return resolve_named(augmentation, Augmentation, _NAMED, name)

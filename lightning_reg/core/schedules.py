@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from lightning_reg.core.validation import resolve_named
+
 __all__ = [
     "Constant",
     "Cosine",
@@ -297,12 +299,4 @@ def get_schedule(schedule: ScheduleLike, name: str = "schedule") -> Schedule:
         >>> get_schedule("linear")
         Linear(start=0.0, end=1.0)
     """
-    if isinstance(schedule, Schedule):
-        return schedule
-    if isinstance(schedule, str):
-        if schedule not in _NAMED:
-            raise ValueError(
-                f"Expected argument `{name}` to be one of {sorted(_NAMED)} or a `Schedule`, but got {schedule!r}."
-            )
-        return _NAMED[schedule]()
-    raise TypeError(f"Expected argument `{name}` to be a str or a `Schedule`, but got {type(schedule).__name__}.")
+    return resolve_named(schedule, Schedule, _NAMED, name)

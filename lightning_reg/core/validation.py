@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_optional_int"]
+__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_optional_int", "resolve_named"]
 
 T = TypeVar("T")
 
@@ -116,3 +116,35 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"Expected argument `{name}` to be a bool, but got {value!r}.")
     return value
+
+
+def resolve_named(value: Any, base: type[T], registry: dict[str, type[T]], name: str) -> T:
+    """Return ``value`` if it is a ``base`` instance, or build ``registry[value]()`` from a short name.
+
+    Args:
+        value: An instance of ``base`` or a key of ``registry``.
+        base: The accepted class.
+        registry: Short names and the classes they build with their defaults.
+        name: The argument name used in error messages.
+
+    Raises:
+        ValueError: For an unknown short name.
+        TypeError: For anything else.
+
+    Example:
+        >>> resolve_named("int", int, {"int": int}, "x")
+        0
+    """
+    article = "an" if base.__name__[0].lower() in "aeiou" else "a"
+    if isinstance(value, base):
+        return value
+    if isinstance(value, str):
+        if value not in registry:
+            raise ValueError(
+                f"Expected argument `{name}` to be one of {sorted(registry)} or {article} `{base.__name__}`, but got"
+                f" {value!r}."
+            )
+        return registry[value]()
+    raise TypeError(
+        f"Expected argument `{name}` to be a str or {article} `{base.__name__}`, but got {type(value).__name__}."
+    )
