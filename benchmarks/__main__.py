@@ -88,17 +88,18 @@ def write_results(results: list[dict[str, Any]], suite: str, seconds: float, pat
     path.write_text("\n".join(lines))
 
 
-def sync_readme(results: list[dict[str, Any]], readme: Path) -> list[str]:
+def sync_readme(results: list[dict[str, Any]], readme: Path, claims: bool = True) -> list[str]:
     """Copy the results into the README's marked blocks, so every number there comes from this run.
 
     ``<!-- results:claims:start -->`` ... ``<!-- results:claims:end -->`` receives the claims table, and
     ``<!-- results:NAME:start -->`` ... ``<!-- results:NAME:end -->`` the markdown of benchmark ``NAME``.
-    Blocks of benchmarks that did not run are left alone. Returns the names of the blocks updated.
+    Blocks of benchmarks that did not run are left alone, and so is the claims table when ``claims`` is false
+    (a partial run). Returns the names of the blocks updated.
     """
     if not readme.is_file():
         return []
     text = readme.read_text()
-    blocks = {"claims": _claims_table(results) if any(r.get("claims") for r in results) else None}
+    blocks = {"claims": _claims_table(results) if claims and any(r.get("claims") for r in results) else None}
     for r in results:
         plots = "".join(
             f"\n\n![{Path(p).stem}](benchmarks/{Path(p).relative_to(HERE).as_posix()})" for p in r.get("plots", [])
@@ -129,13 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_p.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
     run_p.add_argument("--dry-run", action="store_true", help="import every benchmark and print the plan")
-    run_p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="where to write the results")
+    run_p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where to write the results (default: benchmarks/RESULTS.md; with --only, benchmarks/_runs/RESULTS.md,"
+        " so a partial run never replaces the full results)",
+    )
     run_p.add_argument(
         "--sync-readme",
         action="store_true",
         help="also copy the claims table and each benchmark's tables into README.md's marked blocks",
     )
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = HERE / "_runs" / "RESULTS.md" if args.only else HERE / "RESULTS.md"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
 
     from rich.console import Console
 
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(results, args.suite, seconds, args.output)
     console.print(f"wrote {args.output} in {seconds / 60:.1f} min")
     if args.sync_readme:
-        updated = sync_readme(results, HERE.parent / "README.md")
+        updated = sync_readme(results, HERE.parent / "README.md", claims=not args.only)
         console.print("updated README blocks: " + (", ".join(updated) or "none"))
     return 0
 

@@ -72,3 +72,14 @@ def test_sync_readme_fills_only_marked_blocks(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "| T | c | m | yes |" in text and "| 1 |" in text and "stale" not in text
     assert "keep" in text and text.startswith("intro\n") and text.endswith("end\n")
+
+
+def test_partial_sync_keeps_the_claims_table(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.__main__ import sync_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:claims:start -->\nall claims\n<!-- results:claims:end -->\n")
+    result = {"name": "x", "title": "X", "markdown": "m", "claims": [{"claim": "c", "measured": "m"}]}
+    assert sync_readme([result], readme, claims=False) == []
+    assert "all claims" in readme.read_text()
