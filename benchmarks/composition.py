@@ -151,6 +151,7 @@ def run(suite: str = "quick", threads: int = 1) -> dict[str, Any]:
         for seed in cfg["seeds"]:
             data = make_data(cfg["train_size"], "symmetric", 0.4, seed=seed, batch_size=BATCH_SIZE)
             for name, (factory, _) in ARMS.items():
+                torch.manual_seed(seed)  # the same initialization for every arm of a seed (paired comparison)
                 model = MLPClassifier(hidden=HIDDEN, dropout=0.0, optimizer="adamw", lr=LR, **OPT)
                 rec = LiveAndEMAAccuracy(data["test"])
                 _, secs = fit(model, data["train"], [*factory(cfg["epochs"]), rec], epochs=cfg["epochs"], seed=seed)

@@ -202,6 +202,7 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 2000) -> torc
 
 def run_arm(arm: Arm, setting: Setting, data: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
     """Train one arm on one seed's data; return accuracies, memorization and detection scores."""
+    torch.manual_seed(seed)  # the same initialization for every arm of a seed (paired comparison)
     model = MLPClassifier(hidden=HIDDEN, optimizer="adamw", lr=LR, weight_decay=WEIGHT_DECAY, lr_schedule="cosine")
     curve = EpochTestAccuracy(data["test"])
     callbacks = arm.callbacks(setting)
