@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import load_note, markdown_table, rich_table
+from benchmarks.common import load_note, markdown_table, rich_table, torch_threads
 from lightning_reg.callbacks.clipping import GradientClipping
 from lightning_reg.functional.clipping import TensorBuckets, adaptive_clip_grad_, clip_grad_norm_
 
@@ -205,18 +205,13 @@ def _bench_set(
 def run(suite: str = "quick") -> dict[str, Any]:
     """Time every rule on both gradient sets; quick ≈ 1 min on 2 busy cores."""
     rounds = 7 if suite == "quick" else 25
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: stable ratios on a shared box (see the reading below)
     torch.set_flush_denormal(True)
     timm_agc, timm_label = _timm_agc()
-    try:
-        with torch.no_grad():
-            sets = [
-                _bench_set("ResNet-50", resnet50_shapes(), rounds, timm_agc),
-                _bench_set("ViT-S/16-like", vit_small_shapes(), rounds, timm_agc),
-            ]
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), torch.no_grad():  # one thread: stable ratios on a shared box (see the reading below)
+        sets = [
+            _bench_set("ResNet-50", resnet50_shapes(), rounds, timm_agc),
+            _bench_set("ViT-S/16-like", vit_small_shapes(), rounds, timm_agc),
+        ]
     rows = [r for s in sets for r in s["rows"]]
 
     def fmt(x: float | None, unit: str = "×") -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -195,3 +196,21 @@ def load_note() -> str:
     cores = os.cpu_count() or 1
     busy = "busy: absolute times are noisy" if load > cores else "otherwise idle"
     return f"Load average at the end of this benchmark: {load:.1f} on {cores} cores ({busy})."
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, then restore the previous count (also on error)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def suite_config(suite: str, suites: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The settings of ``suite``, or a clear error naming the suites there are."""
+    if suite not in suites:
+        raise ValueError(f"Expected argument `suite` to be one of {sorted(suites)}, but got {suite!r}.")
+    return suites[suite]

@@ -32,7 +32,16 @@ import torch
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
-from benchmarks.common import evaluate, fit, make_data, markdown_table, mean_std, rich_table
+from benchmarks.common import (
+    evaluate,
+    fit,
+    make_data,
+    markdown_table,
+    mean_std,
+    rich_table,
+    suite_config,
+    torch_threads,
+)
 from benchmarks.noisy_labels import BATCH_SIZE, HIDDEN, LR, WEIGHT_DECAY, _consistency
 from lightning_reg.models import MLPClassifier
 
@@ -138,16 +147,12 @@ def run(suite: str = "quick", threads: int = 1) -> dict[str, Any]:
         suite: ``"quick"`` or ``"full"``.
         threads: torch CPU threads while it runs.
     """
-    if suite not in SUITES:
-        raise ValueError(f"Expected argument `suite` to be one of {sorted(SUITES)}, but got {suite!r}.")
-    cfg = SUITES[suite]
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    cfg = suite_config(suite, SUITES)
     t0 = time.perf_counter()
     live: dict[str, list[list[float]]] = {name: [] for name in ARMS}
     ema: dict[str, list[list[float]]] = {name: [] for name in ARMS}
     seconds: dict[str, list[float]] = {name: [] for name in ARMS}
-    try:
+    with torch_threads(threads):
         for seed in cfg["seeds"]:
             data = make_data(cfg["train_size"], "symmetric", 0.4, seed=seed, batch_size=BATCH_SIZE)
             for name, (factory, _) in ARMS.items():
@@ -158,8 +163,6 @@ def run(suite: str = "quick", threads: int = 1) -> dict[str, Any]:
                 live[name].append(rec.live)
                 ema[name].append(rec.ema)
                 seconds[name].append(secs)
-    finally:
-        torch.set_num_threads(old_threads)
 
     def final(curves: list[list[float]]) -> list[float]:
         return [c[-1] for c in curves]

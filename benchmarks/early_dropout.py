@@ -32,7 +32,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from benchmarks.common import evaluate, fashion_mnist, fit, load_note, markdown_table, mean_std, rich_table, train_loss
+from benchmarks.common import (
+    evaluate,
+    fashion_mnist,
+    fit,
+    load_note,
+    markdown_table,
+    mean_std,
+    rich_table,
+    torch_threads,
+    train_loss,
+)
 from lightning_reg.callbacks.dropout import EarlyDropout
 from lightning_reg.models import MLPClassifier
 
@@ -105,10 +115,8 @@ def _one(arm: str, seed: int, cfg: dict[str, Any], data: dict[str, Any]) -> dict
 def run(suite: str = "quick") -> dict[str, Any]:
     """Train every arm on every seed; return the markdown summary and the raw rows."""
     cfg = SUITES[suite]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: one thread is faster than two on a shared 2-core box
     t0 = time.perf_counter()
-    try:
+    with torch_threads(1):  # small matmuls: one thread is faster than two on a shared 2-core box
         x, y = fashion_mnist("train")
         tx, ty = fashion_mnist("test")
         data = {"x": x, "y": y, "test": DataLoader(torch.utils.data.TensorDataset(tx, ty), batch_size=5000)}
@@ -116,8 +124,6 @@ def run(suite: str = "quick") -> dict[str, Any]:
         for seed in cfg["seeds"]:
             for arm in ARMS:
                 rows.append({"arm": arm, "seed": seed, **_one(arm, seed, cfg, data)})
-    finally:
-        torch.set_num_threads(threads)
     total = time.perf_counter() - t0
 
     def col(arm: str, key: str) -> list[float]:

@@ -34,7 +34,16 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
-from benchmarks.common import EpochTestAccuracy, fit, make_data, markdown_table, mean_std, rich_table
+from benchmarks.common import (
+    EpochTestAccuracy,
+    fit,
+    make_data,
+    markdown_table,
+    mean_std,
+    rich_table,
+    suite_config,
+    torch_threads,
+)
 from lightning_reg.callbacks.elr import ELR
 from lightning_reg.metrics.noise import label_noise_scores
 from lightning_reg.models import MLPClassifier
@@ -263,18 +272,14 @@ def run(suite: str = "quick", threads: int = 1) -> dict[str, Any]:
         suite: ``"quick"`` (about 4–5 minutes on 2 idle cores) or ``"full"``.
         threads: torch CPU threads while it runs (1 is fastest on a shared machine).
     """
-    if suite not in SUITES:
-        raise ValueError(f"Expected argument `suite` to be one of {sorted(SUITES)}, but got {suite!r}.")
-    cfg = SUITES[suite]
+    cfg = suite_config(suite, SUITES)
     arms = [a for a in ARMS if suite in a.suites]
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     t0, cpu0 = time.perf_counter(), time.process_time()
     rows: list[dict[str, Any]] = []
     tables: list[str] = []
     plots: list[str] = []
     claims: list[dict[str, Any]] = []
-    try:
+    with torch_threads(threads):
         for key in cfg["settings"]:
             setting = SETTINGS[key]
             setting_arms = [a for a in arms if a.settings is None or key in a.settings]
@@ -317,8 +322,6 @@ def run(suite: str = "quick", threads: int = 1) -> dict[str, Any]:
                 plots.append(plot)
             if "CE" in results and "ELR" in results:
                 claims.append(_claim(setting, results["CE"], results["ELR"]))
-    finally:
-        torch.set_num_threads(old_threads)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     size = f"{cfg['train_size']:,}"
     markdown = "\n\n".join(

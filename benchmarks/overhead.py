@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
-from benchmarks.common import fashion_mnist, load_note, markdown_table
+from benchmarks.common import fashion_mnist, fit, load_note, markdown_table, torch_threads
 from lightning_reg.models import SmallCNN
 
 BATCH, N_TRAIN = 128, 128 * 60
@@ -120,9 +120,10 @@ def lightning_step(callbacks: list[Callback], steps: int, warmup: int) -> tuple[
     # them apart and leave them out, as the hand-written loop does.
     extra = _Clock()
     forward = model.forward
+    timed = extra.wrap(forward)
 
     def timed_forward(*args: Any, **kwargs: Any) -> Any:
-        return extra.wrap(forward)(*args, **kwargs) if clock.depth else forward(*args, **kwargs)
+        return timed(*args, **kwargs) if clock.depth else forward(*args, **kwargs)
 
     model.forward = timed_forward  # type: ignore[method-assign]
     calls = [0]  # `self.log` calls, counted to explain the bookkeeping (Lightning's logging is not free)
@@ -135,22 +136,12 @@ def lightning_step(callbacks: list[Callback], steps: int, warmup: int) -> tuple[
     model.log = counted_log  # type: ignore[method-assign]
     step_times: list[float] = []
     inside: list[float] = []
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps + warmup,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[
-            _StepWindow((clock, extra), step_times, inside, first=True),
-            *callbacks,
-            _StepWindow((clock, extra), step_times, inside, first=False),
-        ],
-    )
-    trainer.fit(model, train_dataloaders=_loader())
+    window = [
+        _StepWindow((clock, extra), step_times, inside, first=True),
+        *callbacks,
+        _StepWindow((clock, extra), step_times, inside, first=False),
+    ]
+    fit(model, _loader(), window, epochs=-1, max_steps=steps + warmup)  # max_steps ends it
     return statistics.median(step_times[warmup:]), statistics.median(inside[warmup:]), calls[0] / (steps + warmup)
 
 
@@ -175,15 +166,7 @@ def log_call_seconds(calls: int = 400) -> float:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8 * calls // 10, 4)), batch_size=8)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(_Logs(), train_dataloaders=data)
+    fit(_Logs(), data, epochs=1)
     return statistics.median(times[len(times) // 10 :])
 
 
@@ -305,19 +288,15 @@ def run(suite: str = "quick") -> dict[str, Any]:
     """Time every arm in interleaved rounds; returns ``{"title", "markdown", "rows", "claims"}``."""
     steps, warmup, rounds = (40, 5, 2) if suite == "quick" else (100, 10, 4)
     arms = _arms()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: steadier step times on a shared 2-core machine
     base: list[tuple[float, float, float]] = []
     per: dict[str, tuple[list[tuple[float, float, float]], list[tuple[float, float]]]] = {k: ([], []) for k in arms}
-    try:
+    with torch_threads(1):  # one thread: steadier step times on a shared 2-core machine
         log_ms = 1e3 * log_call_seconds()
         for _ in range(rounds):  # interleave arms so machine drift hits all of them alike
             base.append(lightning_step([], steps, warmup))
             for name, (key, factory, _) in arms.items():
                 per[name][0].append(lightning_step(factory(), steps, warmup))
                 per[name][1].append(hand_step(key, steps, warmup))
-    finally:
-        torch.set_num_threads(old_threads)
     # The denominator: the shortest median Lightning step among the runs without an extra forward pass, a
     # lower bound of the step time under drift, so the percentages below are upper bounds.
     plain = [statistics.median(t for t, _, _ in base)] + [

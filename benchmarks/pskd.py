@@ -28,7 +28,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import evaluate, fit, make_data, markdown_table, mean_std, rich_table
+from benchmarks.common import (
+    evaluate,
+    fit,
+    make_data,
+    markdown_table,
+    mean_std,
+    rich_table,
+    suite_config,
+    torch_threads,
+)
 from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.pskd import PSKD
 from lightning_reg.core.table import PerSampleTable
@@ -241,18 +250,12 @@ def run(suite: str = "quick", threads: int = 1) -> dict[str, Any]:
         suite: ``"quick"`` (about 3 minutes on 2 idle cores) or ``"full"``.
         threads: torch CPU threads while it runs (1 is fastest on a shared, loaded machine).
     """
-    if suite not in SUITES:
-        raise ValueError(f"Expected argument `suite` to be one of {sorted(SUITES)}, but got {suite!r}.")
-    cfg = SUITES[suite]
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    cfg = suite_config(suite, SUITES)
     t0 = time.perf_counter()
-    try:
+    with torch_threads(threads):
         acc_rows, raw = accuracy_rows(cfg)
         mem_rows = memory_rows()
         ovh_rows = overhead_rows(cfg["timing_repeat"])
-    finally:
-        torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
 
     ce, ls, pk = raw["CE"], raw["LabelSmoothing(0.1)"], raw["PSKD(0.8)"]
