@@ -204,21 +204,10 @@ class ResultsReport(Callback):
 
     def _epoch_test_tensors(self, trainer: Trainer, limit: int | None) -> tuple[Tensor, Tensor] | None:
         if self._test_x is None:
-            loader = _test_loader(trainer)
-            if loader is None:
+            test = _gather_test_tensors(_test_loader(trainer), limit)
+            if test is None:
                 return None
-            xs, ys, total = [], [], 0
-            for batch in loader:
-                x, y = batch[0], batch[1]
-                xs.append(x)
-                ys.append(y)
-                total += len(y)
-                if limit is not None and total >= limit:
-                    break
-            if not xs:
-                return None
-            k = total if limit is None else min(total, limit)
-            self._test_x, self._test_y = torch.cat(xs)[:k], torch.cat(ys)[:k]
+            self._test_x, self._test_y = test
         assert self._test_y is not None
         return self._test_x, self._test_y
 
@@ -313,13 +302,10 @@ class ResultsReport(Callback):
         """Accuracy and 15-bin ECE over the whole test set, for models without a ``test_step``."""
         from torchmetrics.functional.classification import multiclass_calibration_error
 
-        loader = _test_loader(trainer, datamodule)
-        if loader is None:
+        test = _gather_test_tensors(_test_loader(trainer, datamodule))
+        if test is None:
             return {}
-        batches = [(b[0], b[1]) for b in loader]
-        if not batches:
-            return {}
-        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        x, y = test
         fn = ema.teacher_forward if use_ema else model
         probs = self._predict(trainer, model, fn, x, model.device)
         ece = multiclass_calibration_error(probs, y, num_classes=probs.shape[1], n_bins=15, norm="l1")
@@ -531,6 +517,23 @@ def _test_loader(trainer: Trainer, datamodule: Any = None) -> Any:
         return dm.test_dataloader()
     except (RuntimeError, NotImplementedError, AttributeError, TypeError):
         return None
+
+
+def _gather_test_tensors(loader: Any, limit: int | None = None) -> tuple[Tensor, Tensor] | None:
+    """The first ``limit`` (all if ``None``) ``(x, y)`` of a loader's batches, concatenated; ``None`` if empty."""
+    if loader is None:
+        return None
+    xs, ys, total = [], [], 0
+    for batch in loader:
+        xs.append(batch[0])
+        ys.append(batch[1])
+        total += len(batch[1])
+        if limit is not None and total >= limit:
+            break
+    if not xs:
+        return None
+    k = total if limit is None else min(total, limit)
+    return torch.cat(xs)[:k], torch.cat(ys)[:k]
 
 
 def _noise_info(trainer: Trainer, datamodule: Any = None) -> tuple[Tensor, Tensor, Tensor] | None:
