@@ -1,6 +1,8 @@
 """Core pieces shared by every technique: the protocol, the per-sample table and schedules."""
 
 from lightning_reg.core.protocol import (
+    IGNORE_INDEX,
+    ElementView,
     LossRegularizer,
     MissingIndexError,
     RegularizedModule,
@@ -12,6 +14,7 @@ from lightning_reg.core.protocol import (
     regularizers_of,
     soft_cross_entropy,
     unpack_batch,
+    unpack_semi_supervised_batch,
 )
 from lightning_reg.core.schedules import (
     Constant,
@@ -26,8 +29,10 @@ from lightning_reg.core.schedules import (
 from lightning_reg.core.table import PerSampleTable
 
 __all__ = [
+    "IGNORE_INDEX",
     "Constant",
     "Cosine",
+    "ElementView",
     "Linear",
     "LossRegularizer",
     "MissingIndexError",
@@ -46,4 +51,5 @@ __all__ = [
     "regularizers_of",
     "soft_cross_entropy",
     "unpack_batch",
+    "unpack_semi_supervised_batch",
 ]

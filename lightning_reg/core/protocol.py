@@ -27,6 +27,20 @@ Within a stage, regularizers run in the order they are listed in the
 ``Trainer``'s callbacks. Conflicts (for example two instances that both own the
 same per-sample state) raise at ``setup``, never silently.
 
+**The tensor contract.** Logits are ``(B, C, *d)`` as :func:`torch.nn.functional.cross_entropy`
+takes them (``(B, C)`` for classification, ``(B, C, H, W)`` for segmentation) with integer labels
+``(B, *d)``; a module that returns ``(B, T, C)`` (token classification) sets
+``logits_layout = "channels_last"``. Labels equal to the module's ``ignore_index`` (default
+``-100``) mark elements without a label (padding, void pixels, unlabeled samples): they contribute
+nothing to the base loss or any label-dependent term, table or metric. :meth:`StepContext.elements`
+gives every technique the same flat view. Semi-supervised batches from a ``CombinedLoader``
+(``{"labeled": ..., "unlabeled": ...}``) are forwarded in one pass; see
+:meth:`RegularizedModule.training_step`.
+
+**Training only.** Only steps of ``trainer.training`` (not the sanity check, validation or test)
+may change per-sample tables, curves or counters: :attr:`StepContext.training` tells techniques
+which steps those are. Everywhere else a technique is a pure function of its state.
+
 Example:
     >>> import lightning as L, torch
     >>> from lightning_reg import RegularizedModule, LabelSmoothing
@@ -50,7 +64,7 @@ import inspect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +76,8 @@ if TYPE_CHECKING:
     pass
 
 __all__ = [
+    "IGNORE_INDEX",
+    "ElementView",
     "LossRegularizer",
     "MissingIndexError",
     "RegularizedModule",
@@ -73,39 +89,78 @@ __all__ = [
     "regularizers_of",
     "soft_cross_entropy",
     "unpack_batch",
+    "unpack_semi_supervised_batch",
 ]
 
 _STAGES = ("input", "label", "target", "loss")
+_LAYOUTS = ("channels_first", "channels_last")
+
+#: The label that marks an element without a label (as in :func:`torch.nn.functional.cross_entropy`).
+IGNORE_INDEX = -100
 
 
 class MissingIndexError(ValueError):
     """Raised when a technique that keeps per-sample state receives a batch without sample indices."""
 
 
-def soft_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+def soft_cross_entropy(
+    logits: Tensor, target: Tensor, reduction: str = "mean", *, dim: int = -1, valid: Tensor | None = None
+) -> Tensor:
     r"""Cross-entropy against a soft target, computed in fp32.
 
-    .. math:: \mathcal{L} = -\frac{1}{B}\sum_i \sum_c q_{ic} \log \mathrm{softmax}(z_i)_c
+    .. math:: \mathcal{L} = -\frac{1}{|V|}\sum_{i \in V} \sum_c q_{ic} \log \mathrm{softmax}(z_i)_c
 
-    The gradient with respect to the logits is ``(softmax(z) - q) / B``; the
-    target carries no gradient.
+    over the valid elements :math:`V` (every element if ``valid`` is ``None``). The gradient with
+    respect to the logits is ``(softmax(z) - q) / |V|``; the target carries no gradient.
 
     Args:
-        logits: ``(B, C)`` logits, any float dtype.
-        target: ``(B, C)`` target distribution (rows sum to one).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        logits: Logits with the classes along ``dim`` (``(B, C)``, ``(B, C, H, W)``, ...), any float dtype.
+        target: Target distribution of the same shape (sums to one along ``dim``).
+        reduction: ``"mean"`` (over valid elements), ``"sum"`` or ``"none"`` (per element, zero where invalid).
+        dim: The class dimension.
+        valid: Optional boolean mask of the elements' shape (the logits without ``dim``).
 
     Example:
         >>> z = torch.tensor([[0.0, 0.0]])
         >>> round(soft_cross_entropy(z, torch.tensor([[0.5, 0.5]])).item(), 4)
         0.6931
     """
-    loss = -(target.detach().float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    loss = -(target.detach().float() * F.log_softmax(logits.float(), dim=dim)).sum(dim=dim)
+    if valid is not None:
+        loss = torch.where(valid, loss, torch.zeros((), device=loss.device))
     if reduction == "mean":
-        return loss.mean()
+        if valid is None:
+            return loss.mean()
+        return loss.sum() / valid.sum().clamp_min(1)
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+class ElementView(NamedTuple):
+    """A flat view of a step's elements (samples, pixels or tokens), the same for every layout.
+
+    Attributes:
+        logits: ``(E, C)`` logits (a view of the step's logits where the layout allows; gradients flow).
+        labels: ``(E,)`` labels, ``ignore_index`` where an element has none.
+        valid: ``(E,)`` boolean: the element has a label.
+        sample: ``(E,)`` the position in the batch of the sample each element belongs to.
+    """
+
+    logits: Tensor
+    labels: Tensor
+    valid: Tensor
+    sample: Tensor
+
+
+def classes_last(t: Tensor, layout: str) -> Tensor:
+    """Move the class dimension of ``t`` (laid out as ``layout``) last: ``(B, C, *d) -> (B, *d, C)``."""
+    return t.movedim(1, -1) if layout == "channels_first" and t.dim() > 2 else t
+
+
+def classes_back(t: Tensor, layout: str) -> Tensor:
+    """Inverse of :func:`classes_last`: ``(B, *d, C) -> (B, C, *d)`` for ``"channels_first"``."""
+    return t.movedim(-1, 1) if layout == "channels_first" and t.dim() > 2 else t
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
@@ -143,6 +198,80 @@ def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
     )
 
 
+def _unpack_unlabeled(part: Any) -> tuple[Any, Tensor | None]:
+    if isinstance(part, Tensor):
+        return part, None
+    if isinstance(part, Mapping):
+        x = next((part[k] for k in ("x", "input", "inputs") if k in part), None)
+        if x is None:
+            raise ValueError(
+                f"Expected the unlabeled batch mapping to have a key `x` (and optionally `index`), but got keys"
+                f" {sorted(part)}."
+            )
+        return x, next((part[k] for k in ("index", "idx") if k in part), None)
+    if isinstance(part, Sequence) and not isinstance(part, (str, bytes)) and len(part) in (1, 2):
+        return part[0], (part[1] if len(part) == 2 else None)
+    raise ValueError(
+        "Expected the unlabeled batch to be `x`, `(x,)` or `(x, index)`, but got"
+        f" {type(part).__name__}{f' of length {len(part)}' if isinstance(part, Sequence) else ''}."
+    )
+
+
+def unpack_semi_supervised_batch(
+    batch: Mapping[str, Any], ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """Concatenate a ``{"labeled": ..., "unlabeled": ...}`` batch into one ``(x, y, index, num_labeled)``.
+
+    The labeled part is any form :func:`unpack_batch` takes; the unlabeled part is ``x``, ``(x,)``,
+    ``(x, index)`` or a mapping with ``x`` and ``index``. The unlabeled rows come last, labelled
+    ``ignore_index`` (with the labeled labels' trailing shape, so dense labels work too). A part
+    that is ``None`` (a ``CombinedLoader`` mode that exhausted it) is left out.
+
+    Raises:
+        ValueError: If only one part carries sample indices, or the inputs do not concatenate.
+
+    Example:
+        >>> b = {"labeled": (torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1])),
+        ...      "unlabeled": (torch.ones(3, 3), torch.tensor([7, 8, 9]))}
+        >>> x, y, index, n = unpack_semi_supervised_batch(b)
+        >>> x.shape, y.tolist(), index.tolist(), n
+        (torch.Size([5, 3]), [0, 1, -100, -100, -100], [0, 1, 7, 8, 9], 2)
+    """
+    labeled, unlabeled = batch.get("labeled"), batch.get("unlabeled")
+    if labeled is None:
+        if unlabeled is None:
+            raise ValueError("Expected the batch to have a `labeled` or an `unlabeled` part, but both are None.")
+        raise ValueError(
+            "Expected every semi-supervised batch to carry a `labeled` part (the supervised loss needs one), but it"
+            " is None. Use `CombinedLoader(..., mode='max_size_cycle')` so the labeled loader cycles."
+        )
+    x_l, y_l, i_l = unpack_batch(labeled)
+    if unlabeled is None:
+        return x_l, y_l, i_l, int(y_l.shape[0])
+    x_u, i_u = _unpack_unlabeled(unlabeled)
+    if (i_l is None) != (i_u is None):
+        raise ValueError(
+            "Expected both the labeled and the unlabeled batches to carry sample indices, or neither, but only the"
+            f" {'labeled' if i_u is None else 'unlabeled'} one does. Index both parts into one training table"
+            " (labeled samples first), e.g. with `lightning_reg.data.SemiSupervisedDataModule`."
+        )
+    if not isinstance(x_l, Tensor) or not isinstance(x_u, Tensor) or x_l.shape[1:] != x_u.shape[1:]:
+        raise ValueError(
+            "Expected the labeled and unlabeled inputs to be tensors of the same per-sample shape (they are"
+            " forwarded together), but got"
+            f" {tuple(getattr(x_l, 'shape', ()))} and {tuple(getattr(x_u, 'shape', ()))}."
+        )
+    n_u = int(x_u.shape[0])
+    y_u = torch.full((n_u, *y_l.shape[1:]), ignore_index, dtype=y_l.dtype, device=y_l.device)
+    index = None if i_l is None else torch.cat([i_l, i_u.to(i_l.device)])  # type: ignore[union-attr]
+    return torch.cat([x_l, x_u.to(x_l.device)]), torch.cat([y_l, y_u]), index, int(y_l.shape[0])
+
+
+def is_semi_supervised_batch(batch: Any) -> bool:
+    """Whether ``batch`` is a ``{"labeled": ..., "unlabeled": ...}`` mapping (e.g. from a ``CombinedLoader``)."""
+    return isinstance(batch, Mapping) and ("labeled" in batch or "unlabeled" in batch) and "x" not in batch
+
+
 @dataclass
 class StepContext:
     """Everything a loss-side regularizer may read or change during one training step.
@@ -150,16 +279,24 @@ class StepContext:
     Attributes:
         module: The LightningModule being trained.
         x: The input that is (or was) forwarded; the input stage may replace it.
-        labels: The integer labels the base loss uses; the label stage may correct them.
+        labels: The integer labels the base loss uses, ``(B, *d)``; the label stage may correct them.
+            Elements equal to ``ignore_index`` have no label.
         given_labels: The labels exactly as the batch carried them.
         index: The samples' indices in the training set, or ``None``.
-        logits: The ``(B, C)`` logits (``None`` until the forward pass).
-        target: The soft ``(B, C)`` fp32 target, or ``None`` meaning ``one_hot(labels)``.
+        logits: The logits, ``(B, C, *d)`` (``None`` until the forward pass).
+        target: The soft fp32 target, the logits' shape, or ``None`` meaning ``one_hot(labels)``.
         terms: Named loss terms; ``"base"`` is set by the pipeline.
         logs: Extra scalars to log (name -> value), e.g. schedule values.
         extras: Free-form data shared between regularizers, e.g. ``"clean_x"``
             (the input before the input stage) or ``"mixup"`` (``(perm, lam)``).
         batch_idx: The batch index within the epoch.
+        training: Whether this is a training step (``trainer.training``, not the sanity check): only
+            then may a technique change its state (tables, curves, counters).
+        layout: ``"channels_first"`` (``(B, C, *d)``, the default) or ``"channels_last"`` (``(B, *d, C)``,
+            e.g. ``(B, T, C)`` token logits).
+        ignore_index: The label of elements without one.
+        num_labeled: With a semi-supervised batch, the first ``num_labeled`` rows are labeled and the
+            rest unlabeled; ``None`` otherwise (then :attr:`labeled` is read from the labels).
     """
 
     module: LightningModule
@@ -173,33 +310,176 @@ class StepContext:
     logs: dict[str, Tensor | float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     batch_idx: int = 0
+    training: bool = True
+    layout: str = "channels_first"
+    ignore_index: int = IGNORE_INDEX
+    num_labeled: int | None = None
+
+    # -- shape ----------------------------------------------------------------------------------------------------
+    @property
+    def class_dim(self) -> int:
+        """The class dimension of the logits and targets: 1 (``channels_first``) or -1 (``channels_last``)."""
+        return 1 if self.layout == "channels_first" else -1
 
     @property
     def num_classes(self) -> int:
         """The number of classes, read from the logits."""
         if self.logits is None:
             raise RuntimeError("`num_classes` is only known after the forward pass.")
-        return int(self.logits.shape[-1])
+        return int(self.logits.shape[self.class_dim])
 
     @property
     def batch_size(self) -> int:
         """The number of samples in the batch."""
         return int(self.labels.shape[0])
 
+    @property
+    def is_dense(self) -> bool:
+        """Whether each sample has several labelled elements (pixels, tokens): labels of more than one dim."""
+        return self.labels.dim() > 1
+
+    @property
+    def valid(self) -> Tensor:
+        """Boolean mask of the labels' shape: the element has a label (``labels != ignore_index``). Cached."""
+        cached = self.extras.get("_valid")
+        if cached is None or cached[0] is not self.labels:
+            cached = (self.labels, self.labels != self.ignore_index)
+            self.extras["_valid"] = cached
+        return cached[1]
+
+    @property
+    def labeled(self) -> Tensor:
+        """``(B,)`` boolean: the sample has at least one labelled element (unlabeled samples have none)."""
+        if self.num_labeled is not None:
+            out = torch.zeros(self.batch_size, dtype=torch.bool, device=self.labels.device)
+            out[: self.num_labeled] = True
+            return out
+        valid = self.valid
+        return valid.reshape(valid.shape[0], -1).any(dim=1) if valid.dim() > 1 else valid
+
+    @property
+    def has_unlabeled(self) -> bool:
+        """Whether the batch may contain unlabeled samples (a semi-supervised batch, or any ignored label).
+
+        Free for semi-supervised batches; otherwise it reads one flag from the device (only techniques
+        that need it call it).
+        """
+        if self.num_labeled is not None:
+            return self.num_labeled < self.batch_size
+        return not bool(self.labeled.all())
+
+    def elements(self) -> ElementView:
+        """The step's elements as flat ``(E, C)`` logits, ``(E,)`` labels, validity and sample position.
+
+        For ``(B, C)`` logits the elements are the samples (``E = B``).
+        """
+        if self.logits is None:
+            raise RuntimeError("`elements()` is only available after the forward pass.")
+        c = self.num_classes
+        logits = classes_last(self.logits, self.layout).reshape(-1, c)
+        labels = self.labels.reshape(-1)
+        per_sample = labels.numel() // max(self.batch_size, 1)
+        sample = torch.arange(self.batch_size, device=labels.device).repeat_interleave(per_sample)
+        return ElementView(logits, labels, self.valid.reshape(-1), sample)
+
+    def per_element(self, t: Tensor) -> Tensor:
+        """Flatten a tensor in the logits' layout (``(B, C, *d)`` or ``(B, *d, C)``) to ``(E, C)``."""
+        return classes_last(t, self.layout).reshape(-1, t.shape[self.class_dim])
+
+    def from_elements(self, t: Tensor) -> Tensor:
+        """Inverse of :meth:`per_element`: ``(E, C)`` back to the logits' layout and shape."""
+        assert self.logits is not None
+        shape = classes_last(self.logits, self.layout).shape
+        return classes_back(t.reshape(shape), self.layout)
+
+    # -- predictions and targets ----------------------------------------------------------------------------------
     def probs(self) -> Tensor:
-        """Detached fp32 softmax of the logits, computed once per step and cached."""
+        """Detached fp32 softmax of the logits (the logits' shape), computed once per step and cached."""
         cached = self.extras.get("_probs")
         if cached is None:
             assert self.logits is not None
-            cached = torch.softmax(self.logits.detach().float(), dim=-1)
+            cached = torch.softmax(self.logits.detach().float(), dim=self.class_dim)
             self.extras["_probs"] = cached
         return cached
 
+    def one_hot(self, labels: Tensor | None = None) -> Tensor:
+        """``one_hot(labels)`` in fp32 in the logits' layout; all-zero for ignored elements."""
+        labels = self.labels if labels is None else labels
+        valid = labels != self.ignore_index
+        out = F.one_hot(torch.where(valid, labels, torch.zeros_like(labels)), self.num_classes).float()
+        return classes_back(out * valid.unsqueeze(-1), self.layout)
+
     def current_target(self) -> Tensor:
-        """The current soft target: ``target`` if a refiner set one, else ``one_hot(labels)`` in fp32."""
+        """The current soft target: ``target`` if a refiner set one, else :meth:`one_hot` of the labels."""
         if self.target is not None:
             return self.target
-        return F.one_hot(self.labels, self.num_classes).float()
+        return self.one_hot()
+
+    def clean_input(self, who: str) -> Tensor:
+        """The batch's input before the input stage (e.g. mixup), which teachers and extra views start from.
+
+        Raises:
+            ValueError: If no input was given (``regularized_loss`` called without ``x``).
+            TypeError: If the input is not a floating-point tensor.
+        """
+        x = self.extras.get("clean_x", self.x)
+        if x is None:
+            raise ValueError(
+                f"`{who}` runs extra forward passes on the batch's input, but none was given. Pass it to"
+                " `self.regularized_loss(logits, y, index, x=x)` from your `training_step`."
+            )
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(
+                f"`{who}` forwards the batch's input again, so it must be a floating-point tensor, but got"
+                f" {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}. Convert it in your dataset."
+            )
+        return x
+
+    def teacher_logits(self, teacher: TeacherProvider, x: Tensor | None = None, key: str = "clean") -> Tensor:
+        """The teacher's detached logits on a view of the batch, run once per step and view and shared.
+
+        Every consumer (PS-KD, ELR, consistency, label correction, pseudo-labels) that asks for the same
+        ``key`` in one step reads the same tensor: ``teacher_forward`` runs once per view per step,
+        whatever the number of consumers.
+
+        Args:
+            teacher: The teacher (e.g. :class:`~lightning_reg.EMATeacher`).
+            x: The view; ``None`` means the clean input (:meth:`clean_input`).
+            key: The view's name in the cache (``"clean"``, ``"weak"``, ...). Use distinct keys for distinct views.
+        """
+        cache: dict[str, Tensor] = self.extras.setdefault("_teacher_logits", {})
+        out = cache.get(key)
+        if out is None:
+            view = self.clean_input(type(teacher).__name__) if x is None else x
+            with torch.no_grad():
+                out = teacher.teacher_forward(view).detach()
+            cache[key] = out
+        return out
+
+    def teacher_probs(self, teacher: TeacherProvider, x: Tensor | None = None, key: str = "clean") -> Tensor:
+        """fp32 softmax of :meth:`teacher_logits` along the class dimension, cached per view like it."""
+        cache: dict[str, Tensor] = self.extras.setdefault("_teacher_probs", {})
+        out = cache.get(key)
+        if out is None:
+            out = torch.softmax(self.teacher_logits(teacher, x, key).float(), dim=self.class_dim)
+            cache[key] = out
+        return out
+
+    def student_clean_probs(self, who: str) -> Tensor:
+        """The student's detached fp32 probabilities on the clean input, without an extra forward when possible.
+
+        When the input stage left the input alone this is :meth:`probs`; otherwise one no-grad forward on
+        the clean input, cached for the step.
+        """
+        clean = self.clean_input(who)
+        if self.x is clean:
+            return self.probs()
+        cached = self.extras.get("_student_clean_probs")
+        if cached is None:
+            with torch.no_grad():
+                cached = torch.softmax(self.module(clean).detach().float(), dim=self.class_dim)
+            self.extras["_student_clean_probs"] = cached
+        return cached
 
     def require_index(self, who: str) -> Tensor:
         """Return the sample indices, or raise a :class:`MissingIndexError` that explains the fix."""
@@ -312,6 +592,12 @@ class LossRegularizer(RegularizerCallback):
     stage: ClassVar[str] = "loss"
     #: Whether the technique needs sample indices.
     requires_index: ClassVar[bool] = False
+    #: The output layouts it supports: ``"classification"`` (``(B, C)`` logits, one label per sample) and/or
+    #: ``"dense"`` (``(B, C, *d)`` or ``(B, T, C)`` logits with ``(B, *d)`` labels: segmentation, tokens).
+    layouts: ClassVar[frozenset[str]] = frozenset({"classification"})
+    #: Whether it reads the labels. Label-dependent techniques use labelled elements only: an
+    #: ``ignore_index`` element (padding, void pixel, unlabeled sample) never touches their state.
+    needs_labels: ClassVar[bool] = True
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not isinstance(pl_module, RegularizedModule):
@@ -322,6 +608,50 @@ class LossRegularizer(RegularizerCallback):
                 f" Got `{type(pl_module).__name__}`, which does not."
             )
         check_pipeline(trainer)
+        self._pipeline_checked = False
+
+    def unsupported_layout_hint(self) -> str:
+        """The fix to print when the step's layout is not in :attr:`layouts` (override to be specific)."""
+        return "Remove it from the callbacks for this model."
+
+    def check_layout(self, ctx: StepContext) -> None:
+        """Raise a clear error if the step's outputs have a layout this technique does not support."""
+        kind = "dense" if ctx.is_dense else "classification"
+        if kind not in self.layouts:
+            shape = tuple(ctx.logits.shape) if ctx.logits is not None else None
+            raise ValueError(
+                f"`{type(self).__name__}` does not support {kind} outputs (logits of shape {shape}, labels of shape"
+                f" {tuple(ctx.labels.shape)}); it supports {sorted(self.layouts)}. {self.unsupported_layout_hint()}"
+            )
+
+    # -- silent no-op detection: the first training batch must run the pipeline (and the input stage) --------
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not getattr(self, "_pipeline_checked", True):
+            self._calls_before = _pipeline_calls(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if getattr(self, "_pipeline_checked", True):
+            return
+        self._pipeline_checked = True
+        pipeline_before, inputs_before = getattr(self, "_calls_before", (0, 0))
+        pipeline_now, inputs_now = _pipeline_calls(pl_module)
+        who = type(self).__name__
+        if pipeline_now == pipeline_before:
+            raise RuntimeError(
+                f"`{who}` is listed in the Trainer's callbacks but did nothing: the first training step did not run"
+                f" the regularization pipeline, because `{type(pl_module).__name__}.training_step` computes its own"
+                " loss. Delete your `training_step` to use `RegularizedModule`'s, or end it with"
+                " `return self.regularized_loss(logits, y, index, x=x)`."
+            )
+        if self.stage == "input" and inputs_now == inputs_before:
+            raise RuntimeError(
+                f"`{who}` transforms the input before the forward pass, but the first training step forwarded the"
+                " batch without the input stage (`regularized_loss` alone cannot change an input that was already"
+                " forwarded). Delete your `training_step` to use `RegularizedModule`'s, or write it as"
+                " `ctx = self.prepare_inputs(x, y, index); ctx.logits = self(ctx.x); return self.run_pipeline(ctx)`."
+            )
 
     def conflicts_with(self, other: LossRegularizer) -> str | None:
         """Return a reason if ``self`` cannot be combined with ``other``, else ``None``.
@@ -355,6 +685,11 @@ class LossRegularizer(RegularizerCallback):
         return None
 
 
+def _pipeline_calls(module: Any) -> tuple[int, int]:
+    """How often the module ran the pipeline and the input stage in training steps."""
+    return int(getattr(module, "_lreg_pipeline_calls", 0)), int(getattr(module, "_lreg_input_calls", 0))
+
+
 def regularizers_of(trainer: Trainer | None) -> list[LossRegularizer]:
     """The loss-side regularizers of a trainer, in callback-list order."""
     if trainer is None:
@@ -378,20 +713,35 @@ def check_pipeline(trainer: Trainer) -> None:
 class RegularizedModule:
     """Mixin for LightningModules: a ``training_step`` that runs the regularization pipeline.
 
-    Put it *before* ``L.LightningModule`` in the bases. The module's
-    ``forward`` must return logits. Batches are ``(x, y)``, ``(x, y, index)``
-    or mappings (see :func:`unpack_batch`); techniques with per-sample state
+    Put it *before* ``L.LightningModule`` in the bases (the other order raises a ``TypeError`` at
+    class definition). The module's ``forward`` must return logits. Batches are ``(x, y)``,
+    ``(x, y, index)`` or mappings (see :func:`unpack_batch`); techniques with per-sample state
     need the index.
 
+    **Dense and sequence outputs.** ``forward`` may return ``(B, C, *d)`` logits (segmentation:
+    ``(B, C, H, W)``) with ``(B, *d)`` labels, as :func:`torch.nn.functional.cross_entropy` takes them;
+    set ``logits_layout = "channels_last"`` for ``(B, T, C)`` token logits with ``(B, T)`` labels.
+    Labels equal to ``ignore_index`` contribute nothing.
+
+    **Unlabeled data.** A training batch ``{"labeled": (x, y[, index]), "unlabeled": x or (x, index)}``
+    (Lightning's ``CombinedLoader(..., mode="max_size_cycle")``) is concatenated and forwarded *once*
+    (one DDP graph, one autocast region); the unlabeled rows get ``ignore_index`` labels, so the base
+    loss sees labeled elements only, and loss terms that work without labels (consistency,
+    pseudo-labels) see all. A single loader whose unlabeled samples carry ``ignore_index`` works the same.
+
     Users who write their own ``training_step`` call :meth:`regularized_loss`
-    with the logits they computed; only the input stage (e.g. mixup) needs the
-    mixin's own ``training_step`` or a call to :meth:`prepare_inputs`.
+    with the logits they computed; input-stage techniques (e.g. mixup) need
+    :meth:`prepare_inputs` too (a listed technique that the step never reaches raises on the
+    first training step instead of silently doing nothing).
 
     Class attributes:
         check_inputs: Check every step that the logits are finite and the
             labels in range, raising a clear error instead of corrupting
             per-sample state. It costs one host sync per step; set it to
             ``False`` once your pipeline is trusted.
+        logits_layout: ``"channels_first"`` (``(B, C, *d)``, default) or ``"channels_last"``
+            (``(B, *d, C)``, e.g. ``(B, T, C)`` for token classification).
+        ignore_index: The label of elements without one (default ``-100``, as ``F.cross_entropy``).
 
     Logged metrics:
 
@@ -410,28 +760,80 @@ class RegularizedModule:
         ...         self.net = torch.nn.Linear(8, 3)
         ...     def forward(self, x):
         ...         return self.net(x)
+        >>> class Tagger(RegularizedModule, L.LightningModule):
+        ...     logits_layout = "channels_last"  # forward returns (B, T, C)
     """
 
     check_inputs: bool = True
+    logits_layout: Literal["channels_first", "channels_last"] = "channels_first"
+    ignore_index: int = IGNORE_INDEX
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if LightningModule in mro and mro.index(LightningModule) < mro.index(RegularizedModule):
+            raise TypeError(
+                f"`{cls.__name__}` lists `LightningModule` before `RegularizedModule` in its bases, so Lightning's"
+                " `training_step` hides the mixin's and no regularizer would run. Put the mixin first:"
+                f" `class {cls.__name__}(RegularizedModule, L.LightningModule)`."
+            )
+        if cls.logits_layout not in _LAYOUTS:
+            raise ValueError(
+                f"Expected `{cls.__name__}.logits_layout` to be one of {list(_LAYOUTS)}, but got {cls.logits_layout!r}."
+            )
 
     # -- pipeline -----------------------------------------------------------
     def _regularizers(self) -> list[LossRegularizer]:
         trainer = getattr(self, "_trainer", None)
         return regularizers_of(trainer)
 
-    def prepare_inputs(self, x: Any, y: Tensor, index: Tensor | None = None, batch_idx: int = 0) -> StepContext:
-        """Run the input stage and return the step context (``ctx.x`` is what to forward)."""
-        ctx = StepContext(module=self, x=x, labels=y, given_labels=y, index=index, batch_idx=batch_idx)  # type: ignore[arg-type]
+    def _in_training(self) -> bool:
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and bool(trainer.training) and not bool(trainer.sanity_checking)
+
+    def _new_context(
+        self, x: Any, y: Tensor, index: Tensor | None, batch_idx: int, num_labeled: int | None, logits: Tensor | None
+    ) -> StepContext:
+        ctx = StepContext(
+            module=self,  # type: ignore[arg-type]
+            x=x,
+            labels=y,
+            given_labels=y,
+            index=index,
+            logits=logits,
+            batch_idx=batch_idx,
+            training=self._in_training(),
+            layout=self.logits_layout,
+            ignore_index=self.ignore_index,
+            num_labeled=num_labeled,
+        )
         ctx.extras["clean_x"] = x
+        return ctx
+
+    def prepare_inputs(
+        self, x: Any, y: Tensor, index: Tensor | None = None, batch_idx: int = 0, *, num_labeled: int | None = None
+    ) -> StepContext:
+        """Run the input stage and return the step context (``ctx.x`` is what to forward)."""
+        ctx = self._new_context(x, y, index, batch_idx, num_labeled, None)
+        if ctx.training:
+            self._lreg_input_calls = getattr(self, "_lreg_input_calls", 0) + 1
         for r in self._regularizers():
             if r.stage == "input":
                 r.transform_input(ctx)
         return ctx
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Unpack the batch, run the input stage, forward, and return :meth:`run_pipeline`'s loss."""
-        x, y, index = unpack_batch(batch)
-        ctx = self.prepare_inputs(x, y, index, batch_idx)
+        """Unpack the batch, run the input stage, forward once, and return :meth:`run_pipeline`'s loss.
+
+        A ``{"labeled": ..., "unlabeled": ...}`` batch is concatenated first (see
+        :func:`unpack_semi_supervised_batch`), so both parts share one forward.
+        """
+        num_labeled = None
+        if is_semi_supervised_batch(batch):
+            x, y, index, num_labeled = unpack_semi_supervised_batch(batch, self.ignore_index)
+        else:
+            x, y, index = unpack_batch(batch)
+        ctx = self.prepare_inputs(x, y, index, batch_idx, num_labeled=num_labeled)
         ctx.logits = self(ctx.x)  # type: ignore[operator]
         return self.run_pipeline(ctx)
 
@@ -444,23 +846,27 @@ class RegularizedModule:
         *,
         batch_idx: int = 0,
         log: bool = True,
+        num_labeled: int | None = None,
     ) -> Tensor:
         """Run the label, target and loss stages on logits you computed, log every term, return the loss.
 
+        It may be called from ``validation_step`` or ``test_step`` too: outside training steps every
+        technique is a pure function of its state (no table, curve or counter changes).
+
         Args:
-            logits: ``(B, C)`` logits of the batch.
-            y: ``(B,)`` integer labels as the batch carried them.
+            logits: ``(B, C, *d)`` logits of the batch (``(B, *d, C)`` with ``logits_layout = "channels_last"``).
+            y: ``(B, *d)`` integer labels as the batch carried them (``ignore_index`` where there is none).
             index: ``(B,)`` sample indices (needed by per-sample techniques).
             x: The input, needed by techniques that run extra forward passes.
             batch_idx: The batch index (passed to the regularizers).
             log: Whether to ``self.log`` the terms.
+            num_labeled: For a concatenated semi-supervised batch, the number of labeled rows (first).
 
         Example:
             >>> # inside your own training_step:
             >>> # logits = self(x); return self.regularized_loss(logits, y, index, x=x)
         """
-        ctx = StepContext(module=self, x=x, labels=y, given_labels=y, index=index, logits=logits, batch_idx=batch_idx)  # type: ignore[arg-type]
-        ctx.extras["clean_x"] = x
+        ctx = self._new_context(x, y, index, batch_idx, num_labeled, logits)
         return self.run_pipeline(ctx, log=log)
 
     def run_pipeline(self, ctx: StepContext, log: bool = True) -> Tensor:
@@ -468,8 +874,12 @@ class RegularizedModule:
         if ctx.logits is None:
             raise ValueError("Expected `ctx.logits` to be set before `run_pipeline`.")
         if self.check_inputs:
-            _check_step_inputs(ctx.logits, ctx.labels, ctx.index)
+            _check_step_inputs(ctx.logits, ctx.labels, ctx.index, ctx.layout, ctx.ignore_index)
         regs = self._regularizers()
+        if ctx.training:
+            self._lreg_pipeline_calls = getattr(self, "_lreg_pipeline_calls", 0) + 1
+        for r in regs:
+            r.check_layout(ctx)
         for stage in ("label", "target"):
             for r in regs:
                 if r.stage == stage:
@@ -493,12 +903,18 @@ class RegularizedModule:
     def base_loss(self, ctx: StepContext) -> Tensor:
         """The base loss: CE on ``ctx.labels``, or soft CE on ``ctx.target`` when a refiner set one.
 
-        Override to change it (e.g. class weights); keep it a mean over the batch.
+        It is the mean over labelled elements (``ignore_index`` elements and unlabeled samples
+        contribute nothing); a batch without any labelled element gives exactly zero, not NaN.
+        Override to change it (e.g. class weights); keep it a mean over the labelled elements.
         """
         assert ctx.logits is not None
         if ctx.target is None:
-            return F.cross_entropy(ctx.logits.float(), ctx.labels)
-        return soft_cross_entropy(ctx.logits, ctx.target)
+            logits = ctx.logits.float()
+            if ctx.layout == "channels_last" and logits.dim() > 2:
+                logits = logits.movedim(-1, 1)
+            total = F.cross_entropy(logits, ctx.labels, ignore_index=ctx.ignore_index, reduction="sum")
+            return total / ctx.valid.sum().clamp_min(1)
+        return soft_cross_entropy(ctx.logits, ctx.target, dim=ctx.class_dim, valid=ctx.valid)
 
     def _log_terms(self, ctx: StepContext, total: Tensor) -> None:
         log = self.log  # type: ignore[attr-defined]
@@ -511,13 +927,25 @@ class RegularizedModule:
             log(name, v, on_step=True, on_epoch=True, batch_size=bs)
 
 
-def _check_step_inputs(logits: Tensor, labels: Tensor, index: Tensor | None) -> None:
+def _check_step_inputs(
+    logits: Tensor,
+    labels: Tensor,
+    index: Tensor | None,
+    layout: str = "channels_first",
+    ignore_index: int = IGNORE_INDEX,
+) -> None:
     """Validate logits, labels and indices with a single host sync."""
-    if logits.dim() != 2:
-        raise ValueError(f"Expected logits of shape (batch, num_classes), but got shape {tuple(logits.shape)}.")
-    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+    if logits.dim() < 2:
+        raise ValueError(f"Expected logits of shape (batch, num_classes, *dims), but got shape {tuple(logits.shape)}.")
+    class_dim = 1 if layout == "channels_first" else logits.dim() - 1
+    expected = tuple(s for d, s in enumerate(logits.shape) if d != class_dim)
+    if tuple(labels.shape) != expected:
+        hint = ""
+        if labels.dim() == logits.dim() - 1 and layout == "channels_first" and logits.shape[-1] != labels.shape[-1]:
+            hint = " For (batch, seq, num_classes) logits set `logits_layout = 'channels_last'` on the module."
         raise ValueError(
-            f"Expected labels of shape ({logits.shape[0]},) matching the logits, but got shape {tuple(labels.shape)}."
+            f"Expected labels of shape {expected} matching the logits {tuple(logits.shape)} ({layout}), but got"
+            f" shape {tuple(labels.shape)}.{hint}"
         )
     if labels.is_floating_point():
         raise TypeError(f"Expected integer class labels, but got dtype {labels.dtype}.")
@@ -526,11 +954,12 @@ def _check_step_inputs(logits: Tensor, labels: Tensor, index: Tensor | None) -> 
             f"Expected an integer sample index of shape ({labels.shape[0]},), but got {index.dtype} of shape"
             f" {tuple(index.shape)}."
         )
-    c = logits.shape[1]
+    c = logits.shape[class_dim]
+    in_range = ((labels >= 0) & (labels < c)) | (labels == ignore_index)
     flags = torch.stack(
         [
             ~torch.isfinite(logits.detach()).all(),
-            (labels < 0).any() | (labels >= c).any(),
+            ~in_range.all(),
             (index < 0).any() if index is not None else torch.zeros((), dtype=torch.bool, device=labels.device),
         ]
     ).cpu()
@@ -540,8 +969,10 @@ def _check_step_inputs(logits: Tensor, labels: Tensor, index: Tensor | None) -> 
             " rate, enable gradient clipping (`GradientClipping`), or check the inputs."
         )
     if bool(flags[1]):
+        bad = labels[~in_range]
         raise ValueError(
-            f"Expected labels in [0, {c}) for {c} classes, but got min {int(labels.min())} and max {int(labels.max())}."
+            f"Expected labels in [0, {c}) for {c} classes (or `ignore_index` = {ignore_index} for elements without a"
+            f" label), but got min {int(bad.min())} and max {int(bad.max())} outside that."
         )
     if bool(flags[2]):
         raise ValueError(f"Expected non-negative sample indices, but got min {int(index.min())}.")  # type: ignore[union-attr]
