@@ -66,11 +66,107 @@ def make_dataset(n: int = 64, seed: int = 0, noise: float = 0.1) -> TensorDatase
     return TensorDataset(x, y)
 
 
-def make_loader(
-    n: int = 64, batch_size: int = 16, shuffle: bool = True, seed: int = 0, indexed: bool = True
-) -> DataLoader:
-    """A resumable loader over :func:`make_dataset` yielding ``(x, y, index)``."""
+LAYOUTS = ("classification", "dense", "tokens")
+
+
+class TinySegNet(RegularizedModule, L.LightningModule):
+    """A tiny fully-convolutional segmenter: ``(B, 1, 8, 8)`` -> ``(B, C, 8, 8)`` logits."""
+
+    def __init__(
+        self,
+        hidden: int = 8,
+        num_classes: int = NUM_CLASSES,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+        lr: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [nn.Conv2d(1, hidden, 3, padding=1)]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(hidden))
+        layers += [nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(hidden, num_classes, 1)]
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class TinyTagger(RegularizedModule, L.LightningModule):
+    """A tiny token classifier: ``(B, 8, 8)`` (8 tokens of 8 features) -> ``(B, 8, C)`` logits."""
+
+    logits_layout = "channels_last"
+
+    def __init__(
+        self,
+        hidden: int = 16,
+        num_classes: int = NUM_CLASSES,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+        lr: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(x.shape[0], 8, 8))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def make_model(layout: str = "classification", **kwargs: Any) -> L.LightningModule:
+    """The tiny model for a layout: :class:`TinyNet`, :class:`TinySegNet` or :class:`TinyTagger`."""
+    return {"classification": TinyNet, "dense": TinySegNet, "tokens": TinyTagger}[layout](**kwargs)
+
+
+def make_layout_dataset(n: int = 64, layout: str = "classification", seed: int = 0) -> TensorDataset:
+    """:func:`make_dataset` with labels for a layout.
+
+    * ``"dense"``: ``(n, 8, 8)`` pixel labels (the sample's class where the pixel is positive, the next
+      class elsewhere), ``-100`` where ``|x| < 0.1``; sample 0 is entirely ``-100`` (an unlabeled image).
+    * ``"tokens"``: the 8 rows of each image are tokens; ``(n, 8)`` token labels from a fixed linear map,
+      sample ``i`` has ``4 + i % 5`` tokens, the rest is padding (zero input, label ``-100``).
+    """
     base = make_dataset(n, seed)
+    x, y = base.tensors
+    if layout == "classification":
+        return base
+    if layout == "dense":
+        img = x[:, 0]
+        labels = torch.where(img > 0, y[:, None, None], (y[:, None, None] + 1) % NUM_CLASSES)
+        labels = torch.where(img.abs() < 0.1, torch.full_like(labels, -100), labels)
+        labels[0] = -100
+        return TensorDataset(x, labels)
+    if layout == "tokens":
+        g = torch.Generator().manual_seed(seed + 1)
+        w = torch.randn(8, NUM_CLASSES, generator=g)
+        tokens = x[:, 0].clone()
+        labels = (tokens @ w).argmax(-1)
+        lengths = 4 + torch.arange(n) % 5
+        pad = torch.arange(8)[None, :] >= lengths[:, None]
+        tokens[pad] = 0.0
+        labels[pad] = -100
+        return TensorDataset(tokens[:, None], labels)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def make_loader(
+    n: int = 64,
+    batch_size: int = 16,
+    shuffle: bool = True,
+    seed: int = 0,
+    indexed: bool = True,
+    layout: str = "classification",
+) -> DataLoader:
+    """A resumable loader over :func:`make_layout_dataset` yielding ``(x, y, index)``."""
+    base = make_layout_dataset(n, layout, seed)
     ds: Any = IndexedDataset(base) if indexed else base
     sampler = EpochSeededSampler(ds, seed=seed, shuffle=shuffle)
     return ResumableDataLoader(ds, batch_size=batch_size, sampler=sampler)

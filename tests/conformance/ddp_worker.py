@@ -1,6 +1,6 @@
 """Run one conformance case in a 2-process DDP job (or its single-process equivalent) and save the state.
 
-Usage: ``python -m tests.conformance.ddp_worker CASE OUT_DIR [ddp|single]``. In DDP mode Lightning
+Usage: ``python -m tests.conformance.ddp_worker CASE OUT_DIR [ddp|single] [LAYOUT]``. In DDP mode Lightning
 re-launches this module for rank 1. Each rank writes ``OUT_DIR/rank<r>.pt`` with the model weights and
 every callback's ``state_dict()``.
 """
@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from lightning_reg.data import IndexedDataset
 from tests.conformance.registry import load_all
-from tests.helpers import ListBatchSampler, StepSeed, TinyNet, interleaved_rank_batches, make_dataset, trainer_kwargs
+from tests.helpers import (
+    ListBatchSampler,
+    StepSeed,
+    interleaved_rank_batches,
+    make_layout_dataset,
+    make_model,
+    trainer_kwargs,
+)
 
 N, BATCH, WORLD, EPOCHS = 61, 8, 2, 2
 
@@ -33,12 +40,12 @@ class RankSampler(Sampler[int]):
         return iter(DistributedSampler(range(N), num_replicas=WORLD, rank=dist.get_rank(), shuffle=False))
 
 
-def run(case_name: str, out_dir: str, mode: str) -> dict[str, Any]:
+def run(case_name: str, out_dir: str, mode: str, layout: str = "classification") -> dict[str, Any]:
     case = load_all()[case_name]
     L.seed_everything(0, verbose=False)
-    model = TinyNet(**case.model_kwargs)
+    model = make_model(layout, **case.model_kwargs)
     cbs = [case.factory(), *case.extra_callbacks()]
-    ds = IndexedDataset(make_dataset(N))
+    ds = IndexedDataset(make_layout_dataset(N, layout))
     if mode == "ddp":
         loader = DataLoader(ds, batch_size=BATCH, sampler=RankSampler())
         kw = trainer_kwargs(devices=WORLD, strategy="ddp", use_distributed_sampler=False, **case.trainer_overrides)
@@ -59,4 +66,9 @@ def run(case_name: str, out_dir: str, mode: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "ddp")
+    run(
+        sys.argv[1],
+        sys.argv[2],
+        sys.argv[3] if len(sys.argv) > 3 else "ddp",
+        sys.argv[4] if len(sys.argv) > 4 else "classification",
+    )

@@ -38,6 +38,11 @@ class Case:
         bf16_rtol: Stated tolerance of bf16-mixed vs fp32 (relative L2 distance of the weights).
         composable: Included in the all-together composition test.
         trainer_overrides: Extra ``Trainer`` arguments the case needs.
+        layouts: The output layouts the case is run on besides ``"classification"`` (``"dense"``:
+            ``(B, C, H, W)`` with ignored pixels, ``"tokens"``: ``(B, T, C)`` with padding); each gets the
+            training, resume, DDP and bf16 checks.
+        dense_math: Checks the functional core on dense elements (with ``ignore_index``) against a reference.
+        refuses: Layout -> substring of the clear error the technique raises for a layout it does not support.
     """
 
     name: str
@@ -53,6 +58,16 @@ class Case:
     bf16_rtol: float = 0.05
     composable: bool = True
     trainer_overrides: dict[str, Any] = field(default_factory=dict)
+    layouts: tuple[str, ...] = ()
+    dense_math: Callable[[torch.dtype], None] | None = None
+    refuses: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def loss_side(self) -> bool:
+        """Whether the technique is a loss-side regularizer (it gets the layout and outside-training checks)."""
+        from lightning_reg.core.protocol import LossRegularizer
+
+        return isinstance(self.factory(), LossRegularizer)
 
 
 REGISTRY: dict[str, Case] = {}
