@@ -138,3 +138,185 @@ def test_no_noise_and_no_ema(tmp_path: Path) -> None:
     assert "test_acc_ema" not in results and "memorization" not in results
     assert results["detection_source"] == "model predictions"
     assert all("test_acc" in r and "memorization" not in r for r in report.history)
+
+
+# -- issue 15: misuse and output defects found by the new-user trial -------------------------------------------
+import warnings  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_reg.data import IndexedDataset  # noqa: E402
+from tests.helpers import TinyNet, make_dataset, make_loader  # noqa: E402
+
+
+class _Loaders(L.LightningDataModule):
+    """A user datamodule with train/test loaders and nothing else (no `given_labels`, no noise mask)."""
+
+    def __init__(self, train: Any, test: Any) -> None:
+        super().__init__()
+        self._train, self._test = train, test
+
+    def train_dataloader(self) -> Any:
+        return self._train
+
+    def test_dataloader(self) -> Any:
+        return self._test
+
+
+class _OwnNames(TinyNet):
+    """A user model whose `test_step` logs its own names, one of them already prefixed `test_`."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.log("test_acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y))
+        self.log("my_score", logits.float().softmax(-1).max(-1).values.mean(), batch_size=len(y))
+
+
+def _table_text(results: dict[str, Any]) -> str:
+    console = Console(record=True, width=100)
+    console.print(ResultsReport.results_table(results))
+    return console.export_text()
+
+
+def test_user_metric_names_are_kept_and_shown_live_and_ema(tmp_path: Path) -> None:
+    model = _OwnNames()
+    dm = _Loaders(make_loader(), DataLoader(make_dataset(32, seed=1), batch_size=16))
+    ema = EMATeacher(decay=0.9)
+    report = ResultsReport(output_dir=str(tmp_path), print_table=False, plot=False)
+    trainer = _fit([ema, report], dm, model)  # type: ignore[arg-type]
+    results = report.finalize(trainer, model, dm)
+    assert not any(k.startswith("test_test_") for k in results), sorted(results)
+    x, y = make_dataset(32, seed=1).tensors
+    model.eval()
+    assert results["test_acc"] == pytest.approx(_accuracy(model, x, y))
+    assert results["test_acc_ema"] == pytest.approx(_accuracy(ema.teacher_forward, x, y))
+    assert {"my_score", "my_score_ema"} <= set(results)
+    text = _table_text(results)
+    row = next(line for line in text.splitlines() if "my_score" in line)
+    assert f"{results['my_score']:.4f}" in row and f"{results['my_score_ema']:.4f}" in row, text
+    row = next(line for line in text.splitlines() if "test accuracy" in line)
+    assert "—" not in row and f"{100 * results['test_acc_ema']:.2f} %" in row, text
+    assert "ECE" not in text  # nothing logged it: no empty row
+
+
+class _TinySegNoTest(L.LightningModule):
+    """A dense model: logits (B, C, H, W), labels (B, H, W) with `ignore_index=-100`, and no `test_step`."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Conv2d(1, num_classes, 3, padding=1)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1], ignore_index=-100)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _TinySeg(_TinySegNoTest):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__(num_classes)
+        from torchmetrics.classification import MulticlassJaccardIndex
+
+        self.miou = MulticlassJaccardIndex(num_classes, ignore_index=-100)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.miou(self(batch[0]), batch[1])
+        self.log("test/mIoU", self.miou, batch_size=len(batch[0]))
+
+
+def _seg_data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x[:, 0] > 0.5).long() + (x[:, 0] > -0.5).long()
+    y[:, 0, :] = -100  # unlabeled pixels
+    return TensorDataset(x, y)
+
+
+class _SegData(_Loaders):
+    """Dense data that also records per-pixel "noise" as a NoisyDataModule does: the report must not crash."""
+
+    def __init__(self) -> None:
+        train = _seg_data(32, 0)
+        super().__init__(None, DataLoader(_seg_data(16, 1), batch_size=8))
+        self.train_dataset = IndexedDataset(train)
+        self.given_labels = self.true_labels = train.tensors[1]
+        self.noise_mask = torch.zeros(32, dtype=torch.bool)
+        self.noise_mask[:4] = True
+
+    def train_dataloader(self) -> Any:
+        return DataLoader(self.train_dataset, batch_size=8)
+
+
+@pytest.mark.parametrize("with_test_step", [True, False])
+def test_dense_outputs_show_logged_metrics_and_skip_classification_ones(tmp_path: Path, with_test_step: bool) -> None:
+    model = _TinySeg() if with_test_step else _TinySegNoTest()
+    dm, ema = _SegData(), EMATeacher(decay=0.9)
+    report = ResultsReport(output_dir=str(tmp_path), print_table=False)
+    trainer = _fit([ema, report], dm, model)  # type: ignore[arg-type]
+    results = report.finalize(trainer, model, dm)
+    assert "test_acc" not in results and "memorization" not in results
+    assert all("test_acc" not in row for row in report.history)
+    if with_test_step:
+        assert 0.0 <= results["test_mIoU"] <= 1.0 and 0.0 <= results["test_mIoU_ema"] <= 1.0
+        text = _table_text(results)
+        row = next(line for line in text.splitlines() if "test/mIoU" in line)
+        assert f"{results['test_mIoU']:.4f}" in row and f"{results['test_mIoU_ema']:.4f}" in row, text
+        assert "test accuracy" not in text
+    assert (tmp_path / "results.json").exists()
+
+
+def test_epoch_curve_says_which_test_images_it_uses(tmp_path: Path) -> None:
+    dm, model = _dm(num_test=64), _model()
+    report = ResultsReport(output_dir=str(tmp_path), print_table=False, epoch_eval_samples=32)
+    trainer = _fit([report], dm, model)
+    results = report.finalize(trainer, model, dm)
+    fig = report.figure(results)
+    assert fig is not None
+    assert "first 32 of 64 test images" in fig.axes[0].get_title()
+    assert results["epoch_eval_test_samples"] == 32 and results["test_samples"] == 64
+    # The final accuracy on the whole test set is marked on the curve.
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert any("all 64" in label for label in labels), labels
+    everything = ResultsReport(output_dir=str(tmp_path), print_table=False, epoch_eval_samples=None)
+    trainer = _fit([everything], dm, _model())
+    results = everything.finalize(trainer, trainer.lightning_module, dm)
+    title = everything.figure(results).axes[0].get_title()  # type: ignore[union-attr]
+    assert "all 64 test images" in title and "first" not in title
+
+
+def test_csv_from_elr_when_the_datamodule_has_no_given_labels(tmp_path: Path) -> None:
+    dm = _Loaders(make_loader(), DataLoader(make_dataset(32, seed=1), batch_size=16))
+    elr = ELR()
+    report = ResultsReport(output_dir=str(tmp_path), print_table=False, plot=False)
+    model = TinyNet()
+    trainer = _fit([elr, report], dm, model)  # type: ignore[arg-type]
+    results = report.finalize(trainer, model, dm)
+    assert results["detection_source"] == "ELR targets"
+    with open(tmp_path / "suspected_labels.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == results["suspected_labels"] == len(elr.suspected_labels().index)
+
+
+def test_no_csv_source_warns_with_the_fix(tmp_path: Path) -> None:
+    dm = _Loaders(make_loader(), DataLoader(make_dataset(32, seed=1), batch_size=16))
+    report = ResultsReport(output_dir=str(tmp_path), print_table=False, plot=False)
+    model = TinyNet()
+    trainer = _fit([report], dm, model)  # type: ignore[arg-type]
+    fix = r"wrote no `suspected_labels.csv`.*`ELR\(\)`.*`given_labels`.*write_csv=False"
+    with pytest.warns(UserWarning, match=fix):
+        report.finalize(trainer, model, dm)
+    assert not (tmp_path / "suspected_labels.csv").exists()
+    quiet = ResultsReport(output_dir=str(tmp_path), print_table=False, plot=False, write_csv=False)
+    trainer = _fit([quiet], dm, model)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*suspected_labels.*")
+        quiet.finalize(trainer, model, dm)

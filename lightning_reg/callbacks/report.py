@@ -12,7 +12,11 @@ The callback does two things:
    training set, and, with an :class:`~lightning_reg.ELR` present, the
    noisy-label detection scores of ELR's targets. Everything goes into
    :attr:`history` (checkpointed, so it survives a resume) and into the
-   logger as ``report/*`` metrics.
+   logger as ``report/*`` metrics. These per-epoch curves use the **first
+   ``epoch_eval_samples`` test images** (2,000 by default; ``None``: all), so
+   they can differ from the final table, which uses the whole test set; the
+   plot's title says how many images the curve used and marks the final
+   whole-set accuracy.
 2. **After fit** (:meth:`finalize`; the ``lightning-reg`` CLI calls it
    automatically; from Python call it after ``trainer.fit``) it runs
    ``trainer.test`` on the last (or best) weights, live and, with an
@@ -27,8 +31,38 @@ The callback does two things:
    ``suspected_labels.csv``   suspected mislabeled training samples: ``index, given_label,
                               suggested_label, confidence`` (+ class names), most confident first:
                               from ELR's targets when an ``ELR`` is present, else from the
-                              model's predictions
+                              model's predictions (see "What the CSV needs" below)
    ========================  =================================================================
+
+**Test metrics.** With a ``test_step``, the table shows every metric it logs,
+for the live and the EMA weights, under the name it was logged with; only our
+own convention ``test/<name>`` is stored as ``test_<name>`` in :attr:`results`
+(``test/acc`` → ``test_acc``, ``test/mIoU`` → ``test_mIoU``; the EMA value is
+``test_<name>_ema``). A name without the ``test/`` prefix (``test_acc``,
+``my_score``) is kept as it is. A model without a ``test_step`` is evaluated
+directly: accuracy and 15-bin ECE.
+
+**Classification-only parts.** The report's own measurements (the per-epoch
+accuracy curves, the direct evaluation, memorization, detection and the CSV
+from the model's predictions) need ``(B, C)`` logits and ``(B,)`` labels. With
+other outputs (e.g. segmentation logits ``(B, C, H, W)``) they are skipped,
+and the table shows what ``test_step`` logs.
+
+**What the CSV needs.** ``suspected_labels.csv`` needs the labels training
+saw, from either
+
+* an :class:`~lightning_reg.ELR` callback (its targets and the labels it
+  stored per sample; nothing is needed from the datamodule), or
+* a datamodule with ``given_labels`` (``(N,)``, in training-index order) and a
+  ``train_dataset`` wrapping a ``TensorDataset`` (an
+  :class:`~lightning_reg.data.IndexedDataset` over one, as the built-in
+  :class:`~lightning_reg.data.datamodules.NoisyDataModule` has); the model's
+  predictions on those images then give the suspects. With a ``noise_mask``
+  (and ``true_labels``) as well, the memorization and detection scores are
+  measured too.
+
+Without either, no CSV is written and :meth:`finalize` warns with the fix
+(pass ``write_csv=False`` to silence it).
 
 Definitions (see :mod:`lightning_reg.metrics.noise`): the **memorization
 rate** is the fraction of truly mislabeled training samples on which the model
@@ -57,17 +91,17 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from lightning_reg.core.protocol import find_teacher
+from lightning_reg.core.protocol import find_teacher, unpack_batch
 from lightning_reg.core.validation import check_bool, check_choice, check_float, check_optional_int
 
 __all__ = ["ResultsReport"]
@@ -86,8 +120,11 @@ class ResultsReport(Callback):
         test_after_fit: Whether the CLI runs :meth:`finalize` after ``fit``.
         epoch_eval: Evaluate after every training epoch (the curves); ``False`` skips it.
         epoch_eval_samples: Test samples (the first ones) and training samples (a fixed random
-            subset) used per epoch; ``None`` uses all. The final test always uses the whole test set.
-        write_csv: Write ``suspected_labels.csv`` (only when the datamodule has labels to suspect).
+            subset) used per epoch; ``None`` uses all. The final test always uses the whole test set;
+            the plot's title says how many test images the curve used.
+        write_csv: Write ``suspected_labels.csv``. It needs an ``ELR`` callback or a datamodule with
+            ``given_labels`` and a tensor ``train_dataset`` (see the module docs); without either,
+            :meth:`finalize` warns.
         min_confidence: Minimum confidence of a suspected label in the CSV, in ``[0, 1]``.
         plot: Write ``test_accuracy.png``.
         print_table: Print the rich results table (global rank zero).
@@ -95,7 +132,7 @@ class ResultsReport(Callback):
     Logged metrics (per epoch, global rank zero):
 
     =============================  ====================================================
-    ``report/test_acc``             live weights, on ``epoch_eval_samples`` test samples
+    ``report/test_acc``             live weights, on the first ``epoch_eval_samples`` test samples
     ``report/test_acc_ema``         EMA weights (with an ``EMATeacher`` that has updated)
     ``report/memorization``         memorization rate on a training subset (noise known)
     ``report/detection_f1``         ELR-target detection F1 (``ELR`` present, noise known)
@@ -139,12 +176,18 @@ class ResultsReport(Callback):
         self._fit_seconds: float | None = None
         self._test_x: Tensor | None = None
         self._test_y: Tensor | None = None
+        self._test_total: int | None = None
         self._train_sel: Tensor | None = None
+        self._suspects: Any = None
+        self._no_csv_reason: str | None = None
+        self._metric_names: dict[str, str] = {}
+        self._told_dense = False
 
     # -- during fit --------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._test_x = self._test_y = self._train_sel = None
+        self._test_total = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fit_start is not None:
@@ -171,12 +214,14 @@ class ResultsReport(Callback):
         device = pl_module.device
         if test is not None:
             x, y = test
-            out["test_acc"] = _accuracy(self._predict(trainer, pl_module, pl_module, x, device), y)
-            teacher = _updated_teacher(trainer)
-            if teacher is not None:
-                out["test_acc_ema"] = _accuracy(
-                    self._predict(trainer, pl_module, teacher.teacher_forward, x, device), y
-                )
+            probs = self._classify(trainer, pl_module, pl_module, x, y, device)
+            if probs is not None:
+                out["test_acc"] = _accuracy(probs, y)
+                teacher = _updated_teacher(trainer)
+                if teacher is not None:
+                    probs = self._classify(trainer, pl_module, teacher.teacher_forward, x, y, device)
+                    if probs is not None:
+                        out["test_acc_ema"] = _accuracy(probs, y)
         noise = _noise_info(trainer)
         if noise is not None and bool(noise[2].any()):
             train_x, given, mask = noise
@@ -186,9 +231,10 @@ class ResultsReport(Callback):
                 k = n if limit is None else min(n, limit)
                 self._train_sel = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]
             sel = self._train_sel
-            preds = self._predict(trainer, pl_module, pl_module, train_x[sel], device).argmax(-1)
+            probs = self._classify(trainer, pl_module, pl_module, train_x[sel], given[sel], device)
             noisy = mask[sel]
-            if bool(noisy.any()):
+            if probs is not None and bool(noisy.any()):
+                preds = probs.argmax(-1)
                 out["memorization"] = float((preds[noisy] == given[sel][noisy]).float().mean())
             elr = _find_elr(trainer)
             if elr is not None:
@@ -204,12 +250,34 @@ class ResultsReport(Callback):
 
     def _epoch_test_tensors(self, trainer: Trainer, limit: int | None) -> tuple[Tensor, Tensor] | None:
         if self._test_x is None:
-            test = _gather_test_tensors(_test_loader(trainer), limit)
+            loader = _test_loader(trainer)
+            test = _gather_test_tensors(loader, limit)
             if test is None:
                 return None
             self._test_x, self._test_y = test
+            self._test_total = _dataset_size(loader)
         assert self._test_y is not None
         return self._test_x, self._test_y
+
+    def _classify(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        fn: Callable[[Tensor], Tensor],
+        x: Tensor,
+        y: Tensor,
+        device: torch.device,
+    ) -> Tensor | None:
+        """``(N, C)`` probabilities of ``fn`` on ``x``, or ``None`` (said once) when the outputs are not ``(B, C)``."""
+        probs = self._predict(trainer, pl_module, fn, x, device) if y.dim() == 1 else None
+        if probs is None and not self._told_dense:
+            self._told_dense = True
+            rank_zero_info(
+                "`ResultsReport`: the labels or outputs are not `(B,)` and `(B, C)` (e.g. dense predictions), so its"
+                " own accuracy curves, ECE, memorization and suspected labels are skipped; the results table shows"
+                " the metrics the module logs in `test_step`."
+            )
+        return probs
 
     @staticmethod
     @torch.no_grad()
@@ -220,8 +288,11 @@ class ResultsReport(Callback):
         x: Tensor,
         device: torch.device,
         batch_size: int = 1000,
-    ) -> Tensor:
-        """Softmax of ``fn`` over ``x`` in eval mode (restores the module's train/eval mode)."""
+    ) -> Tensor | None:
+        """Softmax of ``fn`` over ``x`` in eval mode, or ``None`` if its outputs are not ``(B, C)`` logits.
+
+        Restores the module's train/eval mode.
+        """
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -229,6 +300,8 @@ class ResultsReport(Callback):
             with trainer.precision_plugin.forward_context():
                 for start in range(0, len(x), batch_size):
                     logits = fn(x[start : start + batch_size].to(device))
+                    if not isinstance(logits, Tensor) or logits.dim() != 2:
+                        return None
                     out.append(logits.float().softmax(-1).cpu())
         finally:
             pl_module.train(was_training)
@@ -254,12 +327,22 @@ class ResultsReport(Callback):
         history = list(self.history)  # trainer.test(ckpt_path=...) restores callback states
         results: dict[str, Any] = {"weights": "best" if ckpt_path else "last", "checkpoint": ckpt_path}
         ema = _find_ema(trainer)
+        self._metric_names = {}
         live = self._test(trainer, model, datamodule, ckpt_path, ema, use_ema=False)
         results.update({f"{k}": v for k, v in live.items()})
         if ema is not None and _has_updated(ema):
             ema_metrics = self._test(trainer, model, datamodule, ckpt_path, ema, use_ema=True)
             results.update({f"{k}_ema": v for k, v in ema_metrics.items()})
+        results["test_metrics"] = dict(self._metric_names)
         self.history = history
+        test_total = self._test_total
+        if test_total is None:
+            test_total = _dataset_size(_test_loader(trainer, datamodule))
+        if test_total is not None:
+            results["test_samples"] = test_total
+        if self._test_y is not None:
+            results["epoch_eval_test_samples"] = len(self._test_y)
+        self._suspects, self._no_csv_reason = None, None
         if trainer.is_global_zero:
             results.update(self._final_noise(trainer, model, datamodule))
         if self._fit_seconds is not None:
@@ -291,15 +374,16 @@ class ResultsReport(Callback):
                 ema.eval_with_ema = previous
         metrics = out[0] if out else {}
         renamed = {}
-        for key, value in metrics.items():
-            short = key.split("/", 1)[1] if key.startswith("test/") else key
-            renamed[f"test_{short}"] = float(value)
+        for name, value in metrics.items():
+            key = _result_key(name, metrics)
+            renamed[key] = float(value)
+            self._metric_names.setdefault(key, name)
         return renamed
 
     def _direct_test(
         self, trainer: Trainer, model: LightningModule, datamodule: Any, ema: Any, use_ema: bool
     ) -> dict[str, float]:
-        """Accuracy and 15-bin ECE over the whole test set, for models without a ``test_step``."""
+        """Accuracy and 15-bin ECE over the whole test set, for classifiers without a ``test_step``."""
         from torchmetrics.functional.classification import multiclass_calibration_error
 
         test = _gather_test_tensors(_test_loader(trainer, datamodule))
@@ -307,47 +391,59 @@ class ResultsReport(Callback):
             return {}
         x, y = test
         fn = ema.teacher_forward if use_ema else model
-        probs = self._predict(trainer, model, fn, x, model.device)
+        probs = self._classify(trainer, model, fn, x, y, model.device)
+        if probs is None:
+            return {}
         ece = multiclass_calibration_error(probs, y, num_classes=probs.shape[1], n_bins=15, norm="l1")
+        self._metric_names.update({"test_acc": "test_acc", "test_ece": "test_ece"})
         return {"test_acc": _accuracy(probs, y), "test_ece": float(ece)}
 
     def _final_noise(self, trainer: Trainer, model: LightningModule, datamodule: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        noise = _noise_info(trainer, datamodule)
-        if noise is None:
-            return out
-        train_x, given, mask = noise
-        probs = self._predict(trainer, model, model, train_x, model.device)
-        preds = probs.argmax(-1)
-        out["train_samples"] = len(given)
-        out["noise_rate"] = float(mask.float().mean())
-        if bool(mask.any()):
-            out["memorization"] = float((preds[mask] == given[mask]).float().mean())
-            out["noisy_fit_true"] = float((preds[mask] == _true_labels(trainer, datamodule)[mask]).float().mean())
+        """Memorization, detection and the suspects, from ELR's targets or the model's training predictions."""
         from lightning_reg.metrics.noise import label_noise_scores, suspected_mislabeled
 
+        out: dict[str, Any] = {}
+        noise = _noise_info(trainer, datamodule)
+        probs: Tensor | None = None
+        mask: Tensor | None = None
+        if noise is not None:
+            train_x, given, mask = noise
+            out["train_samples"] = len(given)
+            out["noise_rate"] = float(mask.float().mean())
+            probs = self._classify(trainer, model, model, train_x, given, model.device)
+            if probs is not None and bool(mask.any()):
+                preds = probs.argmax(-1)
+                out["memorization"] = float((preds[mask] == given[mask]).float().mean())
+                true = _true_labels(trainer, datamodule)
+                if true is not None:
+                    out["noisy_fit_true"] = float((preds[mask] == true[mask]).float().mean())
+        known = mask if mask is not None and bool(mask.any()) else None
         elr = _find_elr(trainer)
-        source = "model predictions"
         scores: dict[str, float] = {}
         if elr is not None:
             try:
-                scores = elr.diagnostics(noise_mask=mask if bool(mask.any()) else None)
-                source = "ELR targets"
-            except RuntimeError:
+                seen = elr.seen
+                scores = elr.diagnostics(noise_mask=known if known is not None and len(known) == len(seen) else None)
+            except RuntimeError:  # no targets yet
                 elr = None
-        if elr is None:
-            scores = {
-                k: float(v) for k, v in label_noise_scores(probs, given, mask if bool(mask.any()) else None).items()
-            }
-        out["detection_source"] = source
+        if elr is not None:
+            out["detection_source"] = "ELR targets"
+            self._suspects = elr.suspected_labels(self.min_confidence)
+        elif noise is not None and probs is not None:
+            out["detection_source"] = "model predictions"
+            scores = {k: float(v) for k, v in label_noise_scores(probs, noise[1], known).items()}
+            self._suspects = suspected_mislabeled(probs, noise[1], min_confidence=self.min_confidence)
+        elif noise is not None:
+            self._no_csv_reason = "the model's outputs are not `(B, C)` logits, so no per-sample label is suspected"
+        else:
+            self._no_csv_reason = (
+                "it needs the labels training saw: add `ELR()` to the callbacks (it stores them with its targets),"
+                " or give the datamodule `given_labels` ((N,) in training-index order) and a `train_dataset` over a"
+                " `TensorDataset` (as `lightning_reg.data.datamodules.NoisyDataModule` has)"
+            )
         for key in ("precision", "recall", "f1", "disagreement"):
             if key in scores:
                 out[f"detection_{key}"] = float(scores[key])
-        self._suspects = (
-            elr.suspected_labels(self.min_confidence)
-            if elr is not None
-            else suspected_mislabeled(probs, given, min_confidence=self.min_confidence)
-        )
         return out
 
     # -- outputs -----------------------------------------------------------------------------------
@@ -363,7 +459,7 @@ class ResultsReport(Callback):
         out_dir = self.resolve_output_dir(trainer)
         out_dir.mkdir(parents=True, exist_ok=True)
         files: dict[str, str] = {}
-        suspects = getattr(self, "_suspects", None)
+        suspects = self._suspects
         if self.write_csv and suspects is not None:
             from lightning_reg.metrics.noise import write_suspected_csv
 
@@ -371,6 +467,11 @@ class ResultsReport(Callback):
             path = out_dir / "suspected_labels.csv"
             results["suspected_labels"] = write_suspected_csv(path, suspects, names)
             files["suspected_labels"] = str(path)
+        elif self.write_csv:
+            rank_zero_warn(
+                f"`ResultsReport` wrote no `suspected_labels.csv`: {self._no_csv_reason or 'no labels to suspect'}."
+                " Pass `ResultsReport(write_csv=False)` to silence this."
+            )
         if self.plot and self.history:
             path = out_dir / "test_accuracy.png"
             if self._plot(path, results):
@@ -387,14 +488,30 @@ class ResultsReport(Callback):
             console.print(f"Wrote {', '.join(Path(f).name for f in files.values())} to {out_dir}", soft_wrap=True)
 
     def _plot(self, path: Path, results: dict[str, Any]) -> bool:
+        fig = self.figure(results)
+        if fig is None:
+            return False
+        fig.savefig(path, dpi=110)
+        return True
+
+    def figure(self, results: dict[str, Any] | None = None) -> Any:
+        """The ``matplotlib`` figure of ``test_accuracy.png`` (``None`` without matplotlib or an accuracy curve).
+
+        The title says which test images the per-epoch curve used (the first ``epoch_eval_samples``);
+        the final accuracy on the whole test set, from ``results``, is marked at the last epoch.
+
+        Args:
+            results: The final metrics (default: :attr:`results`).
+        """
+        results = self.results if results is None else results
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:  # pragma: no cover - matplotlib is optional at runtime
-            return False
+            return None
         epochs = [r["epoch"] + 1 for r in self.history if "test_acc" in r]
         if not epochs:
-            return False
+            return None
         has_mem = any("memorization" in r for r in self.history)
         # The Agg canvas directly: no pyplot state; the caller's backend (e.g. a notebook's) is untouched.
         fig = Figure(figsize=(10 if has_mem else 5.5, 3.8))
@@ -405,11 +522,27 @@ class ResultsReport(Callback):
         ema_rows = [r for r in self.history if "test_acc_ema" in r]
         if ema_rows:
             ax.plot([r["epoch"] + 1 for r in ema_rows], [r["test_acc_ema"] for r in ema_rows], "s--", label="EMA")
+        used, total = results.get("epoch_eval_test_samples"), results.get("test_samples")
+        total_text = f"{total:,}" if total is not None else "?"
+        for key, marker, name in (("test_acc", "*", "live"), ("test_acc_ema", "P", "EMA")):
+            if isinstance(results.get(key), (int, float)) and results.get("test_metrics", {}).get(key) in (
+                "test/acc",
+                "test_acc",
+            ):
+                ax.plot(
+                    [epochs[-1]], [results[key]], marker, markersize=11, label=f"final {name}, all {total_text} images"
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy")
-        ax.set_title("Test accuracy per epoch")
+        if used is not None and total is not None and used < total:
+            subset = f"first {used:,} of {total:,} test images"
+        elif used is not None:
+            subset = f"all {used:,} test images"
+        else:
+            subset = ""
+        ax.set_title("Test accuracy per epoch" + (f"\n({subset})" if subset else ""), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         if has_mem:
             ax2 = axes[0][1]
             rows = [r for r in self.history if "memorization" in r]
@@ -420,8 +553,7 @@ class ResultsReport(Callback):
             ax2.set_ylim(0, 1)
             ax2.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        return True
+        return fig
 
     @staticmethod
     def results_table(results: dict[str, Any]) -> Any:
@@ -436,14 +568,21 @@ class ResultsReport(Callback):
 
         def fmt(key: str, percent: bool) -> str:
             v = results.get(key)
-            if v is None or not math.isfinite(float(v)):
+            if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
                 return "—"
-            return f"{100 * float(v):.2f} %" if percent else f"{float(v):.4f}"
+            return f"{100 * float(v):.2f} %" if percent and 0.0 <= float(v) <= 1.0 else f"{float(v):.4f}"
 
-        table.add_row("test accuracy", fmt("test_acc", True), fmt("test_acc_ema", True))
-        table.add_row("test ECE (15 bins)", fmt("test_ece", False), fmt("test_ece_ema", False))
-        if "test_loss" in results:
-            table.add_row("test loss", fmt("test_loss", False), fmt("test_loss_ema", False))
+        names = results.get("test_metrics")
+        if not isinstance(names, dict):  # results from before `test_metrics` was recorded
+            names = {k: k for k in results if k.startswith("test_") and not k.endswith("_ema") and k != "test_samples"}
+        has_ema = any(f"{k}_ema" in results for k in names)
+        known = {"test_acc": "test accuracy", "test_ece": "test ECE (15 bins)", "test_loss": "test loss"}
+        order = [k for k in known if k in names] + [k for k in names if k not in known]
+        for key in order:
+            label = known.get(key, str(names[key]))
+            table.add_row(label, fmt(key, key == "test_acc"), fmt(f"{key}_ema", key == "test_acc") if has_ema else "")
+        if not order:
+            table.add_row("test metrics", "none logged", "")
         if "noise_rate" in results:
             table.add_row("label noise (train)", fmt("noise_rate", True), "")
         if "memorization" in results:
@@ -519,15 +658,40 @@ def _test_loader(trainer: Trainer, datamodule: Any = None) -> Any:
         return None
 
 
+def _result_key(name: str, logged: Mapping[str, Any]) -> str:
+    """The :attr:`ResultsReport.results` key of a logged test metric: ``test/<x>`` → ``test_<x>``, else ``name``."""
+    if name.startswith("test/"):
+        key = "test_" + name[len("test/") :]
+        return name if key in logged else key
+    return name
+
+
+def _dataset_size(loader: Any) -> int | None:
+    """The number of samples of a loader's dataset, when it has a length."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _gather_test_tensors(loader: Any, limit: int | None = None) -> tuple[Tensor, Tensor] | None:
-    """The first ``limit`` (all if ``None``) ``(x, y)`` of a loader's batches, concatenated; ``None`` if empty."""
+    """The first ``limit`` (all if ``None``) ``(x, y)`` of a loader's batches, concatenated; ``None`` if empty.
+
+    Batches are read with :func:`~lightning_reg.core.protocol.unpack_batch`; ``None`` for another form.
+    """
     if loader is None:
         return None
     xs, ys, total = [], [], 0
     for batch in loader:
-        xs.append(batch[0])
-        ys.append(batch[1])
-        total += len(batch[1])
+        try:
+            x, y, _ = unpack_batch(batch)
+        except ValueError:
+            return None
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            return None
+        xs.append(x)
+        ys.append(y)
+        total += len(y)
         if limit is not None and total >= limit:
             break
     if not xs:
@@ -549,9 +713,9 @@ def _noise_info(trainer: Trainer, datamodule: Any = None) -> tuple[Tensor, Tenso
     return tensors[0], given, mask.bool()
 
 
-def _true_labels(trainer: Trainer, datamodule: Any = None) -> Tensor:
+def _true_labels(trainer: Trainer, datamodule: Any = None) -> Tensor | None:
     dm = datamodule if datamodule is not None else _datamodule(trainer)
-    return dm.true_labels
+    return getattr(dm, "true_labels", None)
 
 
 def _accuracy(probs: Tensor, y: Tensor) -> float:
