@@ -185,3 +185,26 @@ def test_synthetic_datamodule() -> None:
     again = SyntheticDataModule(num_train=50, num_test=10, num_classes=4, shape=[1, 8, 8], noise_rate=0.2)
     again.setup("fit")
     assert torch.equal(again.train_dataset.dataset.tensors[0], dm.train_dataset.dataset.tensors[0])  # type: ignore[union-attr]
+
+
+def test_validation_uses_the_true_labels_by_default(places: dict[str, Path]) -> None:
+    """`val/acc` measures against clean labels: the validation split keeps its true labels (issue 15)."""
+    args = dict(root=str(places["root"]), train_subset=30, val_split=0.4, noise_rate=0.5, noise_seed=1)
+    dm = FashionMNISTDataModule(**args)  # type: ignore[arg-type]
+    dm.setup("fit")
+    clean = FashionMNISTDataModule(**{**args, "noise_rate": 0.0})  # type: ignore[arg-type]
+    clean.setup("fit")
+    val_y = dm.val_dataset.tensors[1]  # type: ignore[union-attr]
+    assert torch.equal(val_y, clean.val_dataset.tensors[1])  # type: ignore[union-attr]
+    assert torch.equal(val_y, dm.val_true_labels) and (dm.val_given_labels != dm.val_true_labels).any()  # type: ignore[operator]
+    # `val_labels="given"` validates on the noisy labels, as a real validation set would carry them.
+    given = FashionMNISTDataModule(**args, val_labels="given")  # type: ignore[arg-type]
+    given.setup("fit")
+    assert torch.equal(given.val_dataset.tensors[1], dm.val_given_labels)  # type: ignore[union-attr,arg-type]
+    with pytest.raises(ValueError, match=r"Expected argument `val_labels` to be one of \['clean', 'given'\]"):
+        FashionMNISTDataModule(val_labels="noisy")  # type: ignore[arg-type]
+    syn = SyntheticDataModule(
+        num_train=40, num_test=8, shape=[1, 4, 4], val_split=0.5, noise_rate=0.5, val_labels="given"
+    )
+    syn.setup("fit")
+    assert torch.equal(syn.val_dataset.tensors[1], syn.val_given_labels)  # type: ignore[union-attr,arg-type]

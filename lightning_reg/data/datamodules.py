@@ -8,8 +8,13 @@ them:
   :attr:`~NoisyDataModule.true_labels` and :attr:`~NoisyDataModule.noise_mask`;
 * ``train_subset`` (a seeded random subset of the training set) and
   ``test_subset``;
-* ``val_split`` (a fraction of the training data held out for validation; it
-  carries the *given*, possibly noisy, labels, as a real validation set would);
+* ``val_split`` (a fraction of the training data held out for validation).
+  By default it carries the **true (clean) labels** (``val_labels="clean"``),
+  so a model's ``val/acc`` measures accuracy against clean labels, comparable
+  with the test accuracy; ``val_labels="given"`` validates on the injected,
+  possibly noisy labels instead, as a real validation set would carry them.
+  Both label sets stay available as :attr:`~NoisyDataModule.val_true_labels`
+  and :attr:`~NoisyDataModule.val_given_labels`;
 * ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``seed``.
 
 Training batches are ``(x, y, index)``: the index is the sample's position in
@@ -32,6 +37,9 @@ YAML::
     data:
       class_path: lightning_reg.data.datamodules.FashionMNISTDataModule
       init_args: {noise_type: symmetric, noise_rate: 0.4, train_subset: 10000, val_split: 0.1}
+
+``val/acc`` of the built-in models is then accuracy against the validation
+split's **clean** labels (``val_labels="clean"``, the default).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from lightning_reg.data.noise import FASHION_MNIST_ASYMMETRIC_MAP, inject_label_
 __all__ = ["FashionMNISTDataModule", "NoisyDataModule", "SyntheticDataModule"]
 
 NoiseType = Literal["symmetric", "asymmetric", "pairflip"]
+ValLabels = Literal["clean", "given"]
 
 #: Fashion-MNIST training-set pixel mean and standard deviation (of ``x / 255``).
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -74,6 +83,9 @@ class NoisyDataModule(L.LightningDataModule):
         eval_batch_size: Batch size of the validation, test and predict loaders.
         num_workers: ``DataLoader`` worker processes (0 loads in the main process).
         val_split: Fraction in ``[0, 1)`` of the (subset) training data held out for validation.
+        val_labels: Labels of the validation split: ``"clean"`` (the true labels, so ``val/acc``
+            is accuracy against clean labels) or ``"given"`` (with the injected noise, as training
+            sees them). Without noise both are the same.
         train_subset: Use a seeded random subset of this many training samples (``None``: all).
         test_subset: Use the first this many test samples (``None``: all).
         noise_type: ``"symmetric"``, ``"asymmetric"`` (the dataset's class map) or ``"pairflip"``.
@@ -87,6 +99,10 @@ class NoisyDataModule(L.LightningDataModule):
         given_labels: The labels training sees (noisy where noise was injected).
         true_labels: The clean labels of the training samples.
         noise_mask: ``given_labels != true_labels`` (all ``False`` without noise).
+        val_dataset: ``(x, y)`` of the validation split, ``y`` as chosen by ``val_labels``
+            (``None`` without ``val_split``).
+        val_given_labels: The validation split's labels with the injected noise.
+        val_true_labels: The validation split's clean labels.
     """
 
     #: The number of classes; subclasses set it.
@@ -109,6 +125,7 @@ class NoisyDataModule(L.LightningDataModule):
         noise_seed: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        val_labels: ValLabels = "clean",
     ) -> None:
         super().__init__()
         self.batch_size = check_int("batch_size", batch_size, low=1)
@@ -122,6 +139,7 @@ class NoisyDataModule(L.LightningDataModule):
         self.noise_seed = check_int("noise_seed", noise_seed)
         self.seed = check_int("seed", seed)
         self.drop_last = check_bool("drop_last", drop_last)
+        self.val_labels = check_choice("val_labels", val_labels, ["clean", "given"])
         if self.noise_type == "asymmetric" and self.noise_rate > 0 and not self.asymmetric_map:
             raise ValueError(
                 f"Expected argument `noise_type` to be one of ['symmetric', 'pairflip'] for"
@@ -133,6 +151,8 @@ class NoisyDataModule(L.LightningDataModule):
         self.given_labels: Tensor | None = None
         self.true_labels: Tensor | None = None
         self.noise_mask: Tensor | None = None
+        self.val_given_labels: Tensor | None = None
+        self.val_true_labels: Tensor | None = None
 
     # -- to implement ----------------------------------------------------------------------------
     def load_split(self, split: str) -> tuple[Tensor, Tensor]:
@@ -185,7 +205,10 @@ class NoisyDataModule(L.LightningDataModule):
         self.true_labels = true[train_sel].clone()
         self.noise_mask = self.given_labels != self.true_labels
         self.train_dataset = IndexedDataset(TensorDataset(xs[train_sel], self.given_labels))
-        self.val_dataset = TensorDataset(xs[val_sel], given[val_sel].clone()) if n_val > 0 else None
+        self.val_given_labels = given[val_sel].clone()
+        self.val_true_labels = true[val_sel].clone()
+        val_y = self.val_true_labels if self.val_labels == "clean" else self.val_given_labels
+        self.val_dataset = TensorDataset(xs[val_sel], val_y.clone()) if n_val > 0 else None
 
     # -- loaders ---------------------------------------------------------------------------------
     def _require(self, dataset: Any, what: str, stage: str) -> Any:
@@ -257,7 +280,7 @@ class FashionMNISTDataModule(NoisyDataModule):
         root: A folder holding the four IDX files (``.gz`` or not), tried first.
         download: Download the official files into the cache if no folder has them.
         normalize: Standardise the pixels.
-        **kwargs: See :class:`NoisyDataModule` (``batch_size``, ``val_split``,
+        **kwargs: See :class:`NoisyDataModule` (``batch_size``, ``val_split``, ``val_labels``,
             ``train_subset``, ``noise_type``, ``noise_rate``, ...).
 
     Example:
@@ -296,6 +319,7 @@ class FashionMNISTDataModule(NoisyDataModule):
         noise_seed: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        val_labels: ValLabels = "clean",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -309,6 +333,7 @@ class FashionMNISTDataModule(NoisyDataModule):
             noise_seed=noise_seed,
             seed=seed,
             drop_last=drop_last,
+            val_labels=val_labels,
         )
         if root is not None and not isinstance(root, (str, Path)):
             raise TypeError(f"Expected argument `root` to be a path or None, but got {root!r}.")
@@ -370,6 +395,7 @@ class SyntheticDataModule(NoisyDataModule):
         noise_seed: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        val_labels: ValLabels = "clean",
     ) -> None:
         self.num_classes = check_int("num_classes", num_classes, low=2)
         self.asymmetric_map = {c: (c + 1) % self.num_classes for c in range(0, self.num_classes, 2)}
@@ -385,6 +411,7 @@ class SyntheticDataModule(NoisyDataModule):
             noise_seed=noise_seed,
             seed=seed,
             drop_last=drop_last,
+            val_labels=val_labels,
         )
         self.num_train = check_int("num_train", num_train, low=2)
         self.num_test = check_int("num_test", num_test, low=1)
