@@ -127,3 +127,48 @@ def test_csv_names_labels_without_a_name(tmp_path: Path) -> None:
     rows = {r["index"]: r for r in csv.DictReader(path.open())}
     assert (rows["0"]["given_name"], rows["0"]["suggested_name"]) == ("a", "2")
     assert (rows["1"]["given_name"], rows["1"]["suggested_name"]) == ("b", "a")
+
+
+def test_dense_scores_count_elements_and_skip_ignored_ones() -> None:
+    """Per-pixel detection and memorization equal the classification scores on the flattened valid pixels."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(3, 4, 5, 6, generator=g)  # (N, C, H, W)
+    given = torch.randint(0, 4, (3, 5, 6), generator=g)
+    given[0, :2] = -100  # void pixels
+    given[2] = -100  # an unlabeled image
+    noisy = torch.rand(3, 5, 6, generator=g) < 0.3
+    pred = torch.randint(0, 4, (3, 5, 6), generator=g)
+    dense = label_noise_scores(scores, given, noisy, pred)
+    keep = given.reshape(-1) != -100
+    flat = label_noise_scores(
+        scores.movedim(1, -1).reshape(-1, 4)[keep],
+        given.reshape(-1)[keep],
+        noisy.reshape(-1)[keep],
+        pred.reshape(-1)[keep],
+    )
+    assert dense.keys() == flat.keys()
+    for k in dense:
+        torch.testing.assert_close(dense[k], flat[k])
+
+
+def test_dense_metric_per_class_iou_matches_torchmetrics() -> None:
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.rand(4, 3, 6, 6, generator=g)
+    given = torch.randint(0, 3, (4, 6, 6), generator=g)
+    given[1, 3:] = -100
+    metric = LabelNoiseMetrics(num_classes=3)
+    metric.update(scores[:2], given[:2], predictions=scores[:2])
+    metric.update(scores[2:], given[2:], predictions=scores[2:])
+    out = metric.compute()
+    ref = MulticlassJaccardIndex(num_classes=3, average=None, ignore_index=-100)(scores.argmax(1), given)
+    torch.testing.assert_close(out["iou_given"], ref)
+    torch.testing.assert_close(out["miou_given"], ref.mean())
+
+
+def test_metric_argument_errors() -> None:
+    with pytest.raises(ValueError, match=r"Expected argument `num_classes` to be an int in \[1, inf\) or None"):
+        LabelNoiseMetrics(num_classes=0)
+    with pytest.raises(TypeError, match="Expected argument `ignore_index` to be an int"):
+        LabelNoiseMetrics(ignore_index=1.5)  # type: ignore[arg-type]

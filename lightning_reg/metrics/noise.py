@@ -23,6 +23,13 @@ key                    definition
 =====================  ==============================================================
 
 Precision, recall and F1 are 0 when their denominator is empty (as in torchmetrics).
+
+**Dense outputs.** Every function and :class:`LabelNoiseMetrics` also take per-element inputs:
+targets/scores ``(N, C, *d)`` with labels, masks and predicted classes ``(N, *d)`` (a segmentation
+mask, token labels). The scores are then over *elements* (pixels, tokens), and elements whose given
+label is ``ignore_index`` (default ``-100``: void pixels, padding, unlabeled samples) are left out of
+every count. With ``num_classes``, :class:`LabelNoiseMetrics` also reports the per-class IoU of the
+predictions against the given labels (``iou_given``, ADELE's agreement curve) and its mean ``miou_given``.
 """
 
 from __future__ import annotations
@@ -49,34 +56,60 @@ __all__ = [
 _COUNTS = ("total", "disagree", "masked", "noisy", "flagged_masked", "true_pos", "noisy_with_pred", "memorized")
 
 
-def _as_class(x: Tensor) -> Tensor:
-    """Class ids from ``(N,)`` ids or ``(N, C)`` scores."""
-    return x.argmax(dim=-1) if x.dim() == 2 else x.long()
+def _flat_scores(x: Tensor) -> Tensor:
+    """``(N, C)`` or ``(N, C, *d)`` scores as ``(E, C)`` rows."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() > 2 else x
+
+
+def _as_class(x: Tensor, scores: bool) -> Tensor:
+    """Flat class ids from class ids (``(N,)``/``(N, *d)``) or scores (``(N, C)``/``(N, C, *d)``)."""
+    return _flat_scores(x).argmax(dim=-1) if scores else x.reshape(-1).long()
 
 
 def _counts(
-    soft_targets: Tensor, given_labels: Tensor, noise_mask: Tensor | None, predictions: Tensor | None
+    soft_targets: Tensor,
+    given_labels: Tensor,
+    noise_mask: Tensor | None,
+    predictions: Tensor | None,
+    ignore_index: int = -100,
 ) -> dict[str, Tensor]:
-    if soft_targets.dim() != 2:
-        raise ValueError(f"Expected `soft_targets` of shape (N, C), but got shape {tuple(soft_targets.shape)}.")
-    n = soft_targets.shape[0]
+    if soft_targets.dim() < 2 or soft_targets.dim() != given_labels.dim() + 1:
+        raise ValueError(
+            "Expected `soft_targets` of shape (N, C) or (N, C, *d) with `given_labels` of shape (N,) or (N, *d), but"
+            f" got shapes {tuple(soft_targets.shape)} and {tuple(given_labels.shape)}."
+        )
+    element_shape = (soft_targets.shape[0], *soft_targets.shape[2:])
+    n = element_shape[0]
     for name, t in (("given_labels", given_labels), ("noise_mask", noise_mask), ("predictions", predictions)):
         if t is not None and t.shape[0] != n:
             raise ValueError(f"Expected `{name}` with {n} rows, one per sample, but got shape {tuple(t.shape)}.")
-    y = given_labels.long().to(soft_targets.device)
-    flagged = soft_targets.argmax(dim=-1) != y
-    zero = torch.zeros((), dtype=torch.long, device=soft_targets.device)
+    for name, t in (("given_labels", given_labels), ("noise_mask", noise_mask)):
+        if t is not None and tuple(t.shape) != element_shape:
+            raise ValueError(
+                f"Expected `{name}` of shape {element_shape}, one entry per sample (element), but got shape"
+                f" {tuple(t.shape)}."
+            )
+    if predictions is not None and tuple(predictions.shape) not in (element_shape, tuple(soft_targets.shape)):
+        raise ValueError(
+            f"Expected `predictions` of shape {element_shape} (classes) or {tuple(soft_targets.shape)} (scores), but"
+            f" got shape {tuple(predictions.shape)}."
+        )
+    dev = soft_targets.device
+    y = given_labels.long().to(dev).reshape(-1)
+    valid = y != ignore_index
+    flagged = (_flat_scores(soft_targets).argmax(dim=-1) != y) & valid
+    zero = torch.zeros((), dtype=torch.long, device=dev)
     out = {k: zero for k in _COUNTS}
-    out["total"] = zero + n
+    out["total"] = valid.sum()
     out["disagree"] = flagged.sum()
     if noise_mask is not None:
-        noisy = noise_mask.to(soft_targets.device).bool()
-        out["masked"] = zero + n
+        noisy = noise_mask.to(dev).bool().reshape(-1) & valid
+        out["masked"] = valid.sum()
         out["noisy"] = noisy.sum()
         out["flagged_masked"] = flagged.sum()
         out["true_pos"] = (flagged & noisy).sum()
         if predictions is not None:
-            pred = _as_class(predictions.to(soft_targets.device))
+            pred = _as_class(predictions.to(dev), predictions.dim() == soft_targets.dim())
             out["noisy_with_pred"] = noisy.sum()
             out["memorized"] = ((pred == y) & noisy).sum()
     return out
@@ -105,16 +138,19 @@ def label_noise_scores(
     given_labels: Tensor,
     noise_mask: Tensor | None = None,
     predictions: Tensor | None = None,
+    ignore_index: int = -100,
 ) -> dict[str, Tensor]:
-    """Score per-sample soft targets as a noisy-label detector (see the module docstring for the keys).
+    """Score per-sample (or per-element) soft targets as a noisy-label detector (keys: module docstring).
 
     Args:
-        soft_targets: ``(N, C)`` per-sample targets (e.g. :attr:`ELR.targets <lightning_reg.ELR.targets>`).
-        given_labels: ``(N,)`` the labels training saw (possibly noisy).
-        noise_mask: ``(N,)`` bool, ``True`` where the given label is wrong; adds
+        soft_targets: ``(N, C)`` per-sample targets (e.g. :attr:`ELR.targets <lightning_reg.ELR.targets>`),
+            or ``(N, C, *d)`` per-element targets or scores (e.g. an EMA teacher's segmentation output).
+        given_labels: ``(N,)`` (``(N, *d)``) the labels training saw (possibly noisy).
+        noise_mask: ``(N,)`` (``(N, *d)``) bool, ``True`` where the given label is wrong; adds
             ``noise_rate``, ``precision``, ``recall`` and ``f1``.
-        predictions: ``(N,)`` predicted classes or ``(N, C)`` scores of the model;
+        predictions: ``(N,)`` (``(N, *d)``) predicted classes or scores of the model's shape;
             with ``noise_mask`` adds ``memorization``.
+        ignore_index: Given labels with this value are left out of every count.
 
     Returns:
         A dict of 0-d fp32 tensors.
@@ -127,7 +163,7 @@ def label_noise_scores(
         >>> {k: round(v.item(), 4) for k, v in s.items()}
         {'disagreement': 0.5, 'noise_rate': 0.5, 'precision': 0.5, 'recall': 0.5, 'f1': 0.5, 'memorization': 0.5}
     """
-    return _scores(_counts(soft_targets, given_labels, noise_mask, predictions))
+    return _scores(_counts(soft_targets, given_labels, noise_mask, predictions, ignore_index))
 
 
 class LabelNoiseMetrics(Metric):
@@ -145,6 +181,17 @@ class LabelNoiseMetrics(Metric):
         >>> metric.update(t[2:], torch.tensor([1, 1]), torch.tensor([False, True]))
         >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
         {'disagreement': 0.5, 'noise_rate': 0.5, 'precision': 0.5, 'recall': 0.5, 'f1': 0.5}
+
+    Dense outputs (per-pixel scores, with void pixels at ``-100``) and the per-class IoU of the
+    predictions against the given masks:
+
+        >>> m = LabelNoiseMetrics(num_classes=2)
+        >>> scores = torch.tensor([[[[0.9, 0.2], [0.3, 0.6]], [[0.1, 0.8], [0.7, 0.4]]]])  # (1, 2, 2, 2)
+        >>> given = torch.tensor([[[0, 1], [0, -100]]])
+        >>> m.update(scores, given, torch.tensor([[[False, False], [True, False]]]), predictions=scores)
+        >>> out = m.compute()
+        >>> round(out["f1"].item(), 4), [round(v, 4) for v in out["iou_given"].tolist()]
+        (1.0, [0.5, 0.5])
 
     In training, e.g. at the end of each epoch with :class:`~lightning_reg.ELR`::
 
@@ -165,11 +212,25 @@ class LabelNoiseMetrics(Metric):
     true_pos: Tensor
     noisy_with_pred: Tensor
     memorized: Tensor
+    iou_inter: Tensor
+    iou_pred: Tensor
+    iou_given: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, ignore_index: int = -100, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"Expected argument `ignore_index` to be an int, but got {ignore_index!r}.")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(
+                f"Expected argument `num_classes` to be an int in [1, inf) or None, but got {num_classes!r}."
+            )
+        self.ignore_index = ignore_index
+        self.num_classes = num_classes
         for name in _COUNTS:
             self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        if num_classes is not None:
+            for name in ("iou_inter", "iou_pred", "iou_given"):
+                self.add_state(name, default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -178,14 +239,32 @@ class LabelNoiseMetrics(Metric):
         noise_mask: Tensor | None = None,
         predictions: Tensor | None = None,
     ) -> None:
-        """Accumulate counts for a set of samples (see :func:`label_noise_scores` for the arguments)."""
-        counts = _counts(soft_targets, given_labels, noise_mask, predictions)
+        """Accumulate counts for samples or elements (see :func:`label_noise_scores` for the arguments)."""
+        counts = _counts(soft_targets, given_labels, noise_mask, predictions, self.ignore_index)
         for name in _COUNTS:
             setattr(self, name, getattr(self, name) + counts[name].to(self.device))
+        if self.num_classes is not None and predictions is not None:
+            c = self.num_classes
+            y = given_labels.long().reshape(-1).to(self.device)
+            valid = y != self.ignore_index
+            pred = _as_class(predictions.to(self.device), predictions.dim() == soft_targets.dim())
+            ones = valid.long()
+            yv = torch.where(valid, y, torch.zeros_like(y))
+            pv = torch.where(valid, pred, torch.zeros_like(pred))
+            self.iou_pred = self.iou_pred + torch.bincount(pv, weights=ones, minlength=c)[:c].long()
+            self.iou_given = self.iou_given + torch.bincount(yv, weights=ones, minlength=c)[:c].long()
+            hit = (valid & (pv == yv)).long()
+            self.iou_inter = self.iou_inter + torch.bincount(yv, weights=hit, minlength=c)[:c].long()
 
     def compute(self) -> dict[str, Tensor]:
         """The scores over everything seen since the last reset."""
-        return _scores({name: getattr(self, name) for name in _COUNTS})
+        out = _scores({name: getattr(self, name) for name in _COUNTS})
+        if self.num_classes is not None:
+            union = self.iou_pred + self.iou_given - self.iou_inter
+            iou = torch.where(union > 0, self.iou_inter.float() / union.clamp_min(1).float(), torch.nan)
+            out["iou_given"] = iou
+            out["miou_given"] = torch.nanmean(iou) if bool(torch.isfinite(iou).any()) else torch.zeros(())
+        return out
 
 
 @dataclass(frozen=True)
