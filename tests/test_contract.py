@@ -267,3 +267,23 @@ def test_prepare_inputs_then_run_pipeline_is_accepted() -> None:
 
     trainer, _ = fit([Mixup(alpha=1.0)], Manual(), max_epochs=1)
     assert trainer.global_step == 4
+
+
+def test_input_checks_on_accelerators_run_only_on_the_first_and_logging_steps() -> None:
+    """Off the CPU, ``check_inputs`` syncs with the host only on the first training step and on logging steps."""
+    from types import SimpleNamespace
+
+    net = TinyNet()
+    connector = SimpleNamespace(should_update_logs=False)
+    net._trainer = SimpleNamespace(_logger_connector=connector)  # type: ignore[assignment]
+    logits = torch.empty(2, 3, device="meta")
+    ctx = StepContext(module=net, x=None, labels=torch.zeros(2, dtype=torch.long), given_labels=None, logits=logits)  # type: ignore[arg-type]
+    assert net._should_check(ctx)  # the first training step
+    assert not net._should_check(ctx)  # a step that logs nothing: no host sync
+    connector.should_update_logs = True
+    assert net._should_check(ctx)  # a logging step
+    ctx.training = False
+    connector.should_update_logs = False
+    assert net._should_check(ctx)  # validation / test / sanity steps always check
+    ctx.training, ctx.logits = True, torch.zeros(2, 3)
+    assert net._should_check(ctx)  # on the CPU a check costs no sync: every step

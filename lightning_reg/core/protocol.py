@@ -735,10 +735,12 @@ class RegularizedModule:
     first training step instead of silently doing nothing).
 
     Class attributes:
-        check_inputs: Check every step that the logits are finite and the
-            labels in range, raising a clear error instead of corrupting
-            per-sample state. It costs one host sync per step; set it to
-            ``False`` once your pipeline is trusted.
+        check_inputs: Check that the logits are finite and the labels in range, raising a clear error
+            instead of corrupting per-sample state. On the CPU it checks every step (there is no device to
+            sync with); on an accelerator it checks the first training step, every logging step
+            (``trainer.log_every_n_steps``) and every step outside training, so other steps run without a
+            host sync (a non-finite row is never written to a per-sample table either way). Set it to
+            ``False`` to skip the checks altogether.
         logits_layout: ``"channels_first"`` (``(B, C, *d)``, default) or ``"channels_last"``
             (``(B, *d, C)``, e.g. ``(B, T, C)`` for token classification).
         ignore_index: The label of elements without one (default ``-100``, as ``F.cross_entropy``).
@@ -873,7 +875,7 @@ class RegularizedModule:
         """Run label → target → base loss → loss terms on a context whose logits are set."""
         if ctx.logits is None:
             raise ValueError("Expected `ctx.logits` to be set before `run_pipeline`.")
-        if self.check_inputs:
+        if self.check_inputs and self._should_check(ctx):
             _check_step_inputs(ctx.logits, ctx.labels, ctx.index, ctx.layout, ctx.ignore_index)
         regs = self._regularizers()
         if ctx.training:
@@ -899,6 +901,18 @@ class RegularizedModule:
         if log and getattr(self, "_trainer", None) is not None:
             self._log_terms(ctx, total)
         return total
+
+    def _should_check(self, ctx: StepContext) -> bool:
+        """Whether this step validates its inputs (see ``check_inputs``): free on CPU, else sync-free steps."""
+        assert ctx.logits is not None
+        trainer = getattr(self, "_trainer", None)
+        if ctx.logits.device.type == "cpu" or trainer is None or not ctx.training:
+            return True
+        if not getattr(self, "_lreg_checked_once", False):
+            self._lreg_checked_once = True
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def base_loss(self, ctx: StepContext) -> Tensor:
         """The base loss: CE on ``ctx.labels``, or soft CE on ``ctx.target`` when a refiner set one.
