@@ -129,3 +129,124 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     assert_state_equal(r0, r1, "rank0 vs rank1")
     assert_state_equal(r0, single, "ddp vs single")
     assert bool(r0["seen"].all())  # every sample, including the padded duplicate, was written
+
+
+# -- host storage under an accelerator (issue 15, defect 1) -----------------------------------------
+def test_device_to_host_copies_block_and_host_to_device_copies_do_not() -> None:
+    """A non-blocking device→host copy is read before it lands; only host→device copies may be non-blocking."""
+    from lightning_reg.core.table import _copy_is_async
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not _copy_is_async(cuda, cpu)  # the host uses the result at once: it must wait for it
+    assert _copy_is_async(cpu, cuda)  # the source is a fresh tensor nobody writes again
+    assert not _copy_is_async(cpu, cpu)
+
+
+def test_many_random_reads_and_writes_match_a_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, c = 97, 6
+    table = PerSampleTable(num_samples=n, num_columns=c).allocate()
+    ref, seen = torch.zeros(n, c), torch.zeros(n, dtype=torch.bool)
+    for step in range(40):
+        idx = torch.randint(0, n, (13,), generator=g)
+        rows = torch.randn(13, c, generator=g) * 1e4 + step
+        table.write(idx, rows)
+        i, v = dedupe_last(idx, rows)
+        ref[i], seen[i] = v, True
+        probe = torch.randint(0, n, (21,), generator=g)
+        got, got_seen = table.read(probe)
+        assert torch.equal(got, ref[probe]) and torch.equal(got_seen, seen[probe])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("topk", [None, 8])
+def test_cpu_table_with_cuda_batches_never_reads_a_copy_in_flight(topk: int | None) -> None:
+    """Rows computed by a slow GPU kernel, written to and read back from a host table, many times."""
+    torch.manual_seed(0)
+    n, c, b = 4096, 64, 1024
+    dev = torch.device("cuda")
+    table = PerSampleTable(num_samples=n, num_columns=c, device="cpu", topk=topk).allocate(device=dev)
+    ref = torch.zeros(n, c)
+    heavy = torch.randn(2048, 2048, device=dev)
+    for step in range(30):
+        busy = heavy
+        for _ in range(8):  # keep the stream busy so any copy that does not wait is read early
+            busy = busy @ heavy / 2048**0.5
+        idx = torch.randperm(n, device=dev)[:b]
+        rows = torch.softmax(torch.randn(b, c, device=dev) * 4 + step + busy[:b, :c] * 0, dim=1) * 1e3
+        table.write(idx, rows)
+        if topk is None:
+            ref[idx.cpu()] = rows.cpu()
+            got, seen = table.read(idx)
+            assert got.device.type == "cuda" and bool(seen.all())
+            torch.testing.assert_close(got, rows, atol=0, rtol=0)
+        else:
+            got, _ = table.read(idx)
+            top = rows.topk(topk, dim=1)
+            torch.testing.assert_close(got.gather(1, top.indices), top.values, atol=0, rtol=0)
+    if topk is None:
+        torch.testing.assert_close(table.dense(), ref, atol=0, rtol=0)
+
+
+# -- resuming on another training set (issue 15, defect 6) -------------------------------------------
+def _checkpointed(rows: int, columns: int | None = 3) -> dict:
+    t = PerSampleTable(num_samples=rows, num_columns=columns).allocate()
+    t.write(torch.tensor([0]), torch.ones(1, columns or 1))
+    return t.state_dict()
+
+
+@pytest.mark.parametrize("current", [4, 8])
+def test_checkpoint_of_another_training_set_size_is_a_clear_error(current: int) -> None:
+    """Smaller and larger: both fail at `allocate`, naming both sizes and the fix."""
+    state = _checkpointed(6)
+    # How the callbacks allocate: declared size, else the table's, else the one inferred from the dataloader.
+    fresh = PerSampleTable()
+    fresh.load_state_dict(state)
+    n = fresh.num_samples or current
+    with pytest.raises(ValueError, match=r"checkpoint.* 6 rows.* current training set has " + str(current)) as err:
+        fresh.allocate(n, 3)
+    assert "same training set" in str(err.value) and "without `ckpt_path`" in str(err.value)
+    declared = PerSampleTable(num_samples=current, num_columns=3)
+    declared.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"6 rows.* has " + str(current) + " samples"):
+        declared.allocate(declared.num_samples, 3)
+
+
+def test_checkpoint_of_the_same_size_resumes_and_other_columns_are_a_clear_error() -> None:
+    state = _checkpointed(6)
+    fresh = PerSampleTable()
+    fresh.load_state_dict(state)
+    assert fresh.is_allocated and fresh.checkpoint_rows == 6
+    fresh.allocate(fresh.num_samples or 6, 3)
+    assert torch.equal(fresh.read(torch.tensor([0]))[0], torch.ones(1, 3))
+    lazy = PerSampleTable()
+    lazy.load_state_dict(state)
+    lazy.allocate()  # no size given: the checkpoint's shape is adopted
+    assert (lazy.num_samples, lazy.num_columns) == (6, 3)
+    other = PerSampleTable()
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"checkpoint.* 3 columns.* 5"):
+        other.allocate(6, 5)
+
+
+def _elr_fit(n: int, tmp_path: Path, ckpt_path: str | None = None) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_reg.callbacks.elr import ELR
+    from tests.helpers import fit, make_loader
+
+    cbs: list[L.Callback] = [ELR()]
+    if ckpt_path is None:
+        cbs.append(ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True))
+    saving = ckpt_path is None
+    loader = make_loader(n=n, batch_size=8)
+    fit(cbs, loader=loader, ckpt_path=ckpt_path, max_epochs=1 if saving else 2, enable_checkpointing=saving)
+
+
+@pytest.mark.parametrize("resume_n", [8, 24])
+def test_elr_resumed_on_a_training_set_of_another_size_fails_clearly(tmp_path: Path, resume_n: int) -> None:
+    _elr_fit(16, tmp_path)
+    with pytest.raises(ValueError, match=rf"16 rows.* has {resume_n} samples.*same training set"):
+        _elr_fit(resume_n, tmp_path, ckpt_path=str(tmp_path / "last.ckpt"))

@@ -15,8 +15,11 @@ the one abstraction they share. It is modelled on torchmetrics' ``add_state``:
 * **Safety.** Rows with a non-finite value are not written (the old row is
   kept), so one NaN batch cannot corrupt the table.
 * **Checkpoints.** :meth:`state_dict` / :meth:`load_state_dict` hold plain
-  tensors and a ``"version"`` key; a table loaded before it is allocated
-  adopts the loaded shape.
+  tensors and a ``"version"`` key. Rows are keyed by the position in the
+  training set, so a loaded table only fits the training set it was saved
+  with: :meth:`allocate` compares the checkpoint's rows with the current
+  training-set size and raises a ``ValueError`` naming both when they differ
+  (in either direction). ``allocate()`` without a size adopts the loaded shape.
 * **Compact storage.**
 
   =========================  ==========================  ==================================
@@ -32,7 +35,13 @@ the one abstraction they share. It is modelled on torchmetrics' ``add_state``:
 
   ``device="cpu"`` keeps the table in host memory (pinned when CUDA is
   available) and moves only the batch's rows; ``device="auto"`` puts it on the
-  module's device.
+  module's device. With a CUDA module, a host table costs, per :meth:`read`
+  and per :meth:`write`, one wait for the stream (the batch's indices, and for
+  a write its rows, must have reached the host before they are used; the
+  device→host copies are therefore blocking) plus the PCIe transfer of the
+  batch's rows each way. The host→device copy of the rows read is
+  non-blocking. Keep the table on the device (``"auto"``) unless it does not
+  fit there.
 
 Example:
     >>> import torch
@@ -96,6 +105,43 @@ def dedupe_last(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     return index[sel], values[sel]
 
 
+def _copy_is_async(src: torch.device, dst: torch.device) -> bool:
+    """Whether a copy from ``src`` to ``dst`` may be issued with ``non_blocking=True``.
+
+    A device→host copy may not: the host would read the destination before
+    the copy lands (PyTorch returns a pinned tensor whose contents are only
+    valid after the stream synchronises). A host→device copy may: the stream
+    orders it before the kernels that use it, and its source is a fresh
+    tensor that nobody writes again.
+
+    Example:
+        >>> cpu, cuda = torch.device("cpu"), torch.device("cuda")
+        >>> _copy_is_async(cuda, cpu), _copy_is_async(cpu, cuda)
+        (False, True)
+    """
+    return src.type == "cpu" and dst.type != "cpu"
+
+
+def _to_host(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Copy ``tensors`` to the host and wait until they are there: one stream synchronisation in all."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    if all(t.device.type == "cuda" for t in tensors) and len({t.device for t in tensors}) == 1:
+        out = tuple(t.to("cpu", non_blocking=True) for t in tensors)  # into pinned memory, in flight ...
+        torch.cuda.current_stream(tensors[0].device).synchronize()  # ... until the stream has caught up
+        return out
+    return tuple(t.to("cpu") for t in tensors)  # blocking copies
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Move ``tensor`` to ``device``: blocking towards the host, non-blocking towards an accelerator."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cpu":
+        return _to_host(tensor)[0]
+    return tensor.to(device, non_blocking=_copy_is_async(tensor.device, device))
+
+
 class PerSampleTable:
     """A table of ``num_samples`` rows of ``num_columns`` floats (or scalars), keyed by dataset index.
 
@@ -137,6 +183,9 @@ class PerSampleTable:
                 f" {self.topk}."
             )
         self.fill = float(fill)
+        self._declared = (self.num_samples, self.num_columns)
+        #: The shape ``(rows, columns)`` of a loaded checkpoint until :meth:`allocate` has checked it.
+        self._checkpoint_shape: tuple[int, int | None] | None = None
         self.values: Tensor | None = None
         self.cols: Tensor | None = None
         self.seen: Tensor | None = None
@@ -147,6 +196,11 @@ class PerSampleTable:
     def is_allocated(self) -> bool:
         """Whether storage exists (allocated or loaded from a checkpoint)."""
         return self.values is not None
+
+    @property
+    def checkpoint_rows(self) -> int | None:
+        """The rows of a loaded checkpoint not yet checked by :meth:`allocate` (``None`` otherwise)."""
+        return None if self._checkpoint_shape is None else self._checkpoint_shape[0]
 
     @property
     def device(self) -> torch.device:
@@ -163,7 +217,7 @@ class PerSampleTable:
     def allocate(
         self, num_samples: int | None = None, num_columns: int | None = None, device: torch.device | str | None = None
     ) -> PerSampleTable:
-        """Create the storage (idempotent), or move a loaded state to its device.
+        """Create the storage (idempotent), or check a loaded state against the training set and move it.
 
         Args:
             num_samples: The training-set size, if not given at construction.
@@ -171,14 +225,32 @@ class PerSampleTable:
             device: The module's device, used when ``device="auto"``.
 
         Raises:
-            ValueError: If a loaded or earlier shape disagrees with the given one.
+            ValueError: If a loaded checkpoint has another number of rows or columns than the training set and
+                model now have (the message names both and the fix), or an earlier shape disagrees.
         """
+        ckpt = self._checkpoint_shape
         n = self.num_samples if num_samples is None else num_samples
         c = self.num_columns if num_columns is None else num_columns
-        if self.num_samples is not None and n != self.num_samples:
-            raise ValueError(f"The table has {self.num_samples} rows but {n} samples were requested.")
-        if self.num_columns is not None and c != self.num_columns:
-            raise ValueError(f"The table has {self.num_columns} columns but {c} were requested.")
+        if ckpt is not None:  # a loaded checkpoint: it must fit the training set and model of this run
+            rows, cols = ckpt
+            if n is not None and int(n) != rows:
+                raise ValueError(
+                    f"The checkpoint's per-sample table has {rows} rows (one per sample of the training set it was"
+                    f" saved with), but the current training set has {int(n)} samples. Per-sample state is keyed by"
+                    " the sample's position in the training set, so it cannot be carried over to another one: resume"
+                    " with the same training set, or start fresh (fit without `ckpt_path`)."
+                )
+            if c is not None and c != cols:
+                raise ValueError(
+                    f"The checkpoint's per-sample table has {cols} columns (classes), but {c} are needed now. Resume"
+                    " with the same model and training set, or start fresh (fit without `ckpt_path`)."
+                )
+            n, c = rows, cols
+        else:
+            if self.num_samples is not None and n != self.num_samples:
+                raise ValueError(f"The table has {self.num_samples} rows but {n} samples were requested.")
+            if self.num_columns is not None and c != self.num_columns:
+                raise ValueError(f"The table has {self.num_columns} columns but {c} were requested.")
         if n is None:
             raise ValueError("Expected `num_samples` to allocate the table, but got None.")
         self.num_samples, self.num_columns = int(n), (None if c is None else int(c))
@@ -195,14 +267,10 @@ class PerSampleTable:
                 self.cols = torch.zeros((self.num_samples, width), dtype=self._col_dtype(), device=dev)
             self.seen = torch.zeros(self.num_samples, dtype=torch.bool, device=dev)
         else:
-            if self.values.shape[0] != self.num_samples:
-                raise ValueError(
-                    f"The checkpointed table has {self.values.shape[0]} rows, but the training set has"
-                    f" {self.num_samples} samples. Resume with the same training set."
-                )
             self.values = self.values.to(dev, self.dtype)
             self.seen = self.seen.to(dev) if self.seen is not None else None
             self.cols = self.cols.to(dev) if self.cols is not None else None
+        self._checkpoint_shape = None
         if dev.type == "cpu" and torch.cuda.is_available():
             self.values = self.values.pin_memory()
         return self
@@ -238,12 +306,13 @@ class PerSampleTable:
 
     # -- access -------------------------------------------------------------
     def _check_index(self, index: Tensor) -> None:
-        assert self.num_samples is not None
+        assert self.values is not None
+        rows = self.values.shape[0]
         if index.device.type != "cpu" and self._validated_on_accelerator:
             return
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
             raise IndexError(
-                f"Expected sample indices in [0, {self.num_samples}), but got min {int(index.min())} and max"
+                f"Expected sample indices in [0, {rows}), but got min {int(index.min())} and max"
                 f" {int(index.max())}. The index must be the sample's position in the training set."
             )
         if index.device.type != "cpu":
@@ -268,13 +337,14 @@ class PerSampleTable:
         if self.values is None or self.seen is None:
             raise RuntimeError("The table is not allocated yet; call `allocate` first.")
         out_dev = index.device if device is None else torch.device(device)
-        self._check_index(index)
-        idx = index.to(self.values.device, non_blocking=True).long()
+        idx = _to_device(index, self.values.device)  # a host table waits for the indices: see the module docs
+        self._check_index(idx)
+        idx = idx.long()
         rows = self._decode(
             self.values.index_select(0, idx), None if self.cols is None else self.cols.index_select(0, idx)
         )
         seen = self.seen.index_select(0, idx)
-        rows, seen = rows.to(out_dev, non_blocking=True), seen.to(out_dev, non_blocking=True)
+        rows, seen = _to_device(rows, out_dev), _to_device(seen, out_dev)
         return (rows.squeeze(1) if self.num_columns is None else rows), seen
 
     def write(self, index: Tensor, values: Tensor, strategy: Any = None) -> None:
@@ -297,13 +367,18 @@ class PerSampleTable:
         expected = self.num_columns or 1
         if values.shape[1] != expected:
             raise ValueError(f"Expected rows of width {expected}, but got {values.shape[1]}.")
-        self._check_index(index)
+        if index.device.type == "cpu" or self.values.device.type != "cpu":
+            self._check_index(index)
         index = index.long()
         if strategy is not None and getattr(strategy, "world_size", 1) > 1:
             index, values = _gather_rows(strategy, index, values.float())
         index, values = dedupe_last(index, values)
-        idx = index.to(self.values.device, non_blocking=True)
-        values = values.to(self.values.device, non_blocking=True).float()
+        if self.values.device.type == "cpu" and index.device.type != "cpu":
+            idx, values = _to_host(index, values)  # one wait for both: see the module docs
+            self._check_index(idx)
+        else:
+            idx, values = _to_device(index, self.values.device), _to_device(values, self.values.device)
+        values = values.float()
         finite = torch.isfinite(values).all(dim=1)
         old = self._decode(
             self.values.index_select(0, idx), None if self.cols is None else self.cols.index_select(0, idx)
@@ -330,8 +405,8 @@ class PerSampleTable:
         """Plain tensors, ints and a ``"version"`` key."""
         return {
             "version": self.version,
-            "num_samples": self.num_samples,
-            "num_columns": self.num_columns,
+            "num_samples": self.num_samples if self.values is None else int(self.values.shape[0]),
+            "num_columns": self.num_columns if self._checkpoint_shape is None else self._checkpoint_shape[1],
             "topk": self.topk,
             "dtype": str(self.dtype).replace("torch.", ""),
             "values": None if self.values is None else self.values.detach().cpu().clone(),
@@ -351,19 +426,26 @@ class PerSampleTable:
                 f"The checkpointed table was stored with topk={state.get('topk')}, but this one has topk={self.topk}."
                 " Resume with the same storage configuration."
             )
-        self.num_samples = state["num_samples"]
-        self.num_columns = state["num_columns"]
         values = state["values"]
+        # Back to the declared shape: the caller's next `allocate` gives the current training-set size, which is
+        # checked against the checkpoint's rows there (`num_samples` does not silently become the checkpoint's).
+        self.num_samples, self.num_columns = self._declared
         if values is None:
             self.values = self.cols = self.seen = None
+            self._checkpoint_shape = None
+            if self.num_samples is None:
+                self.num_samples = state["num_samples"]
+            if self.num_columns is None:
+                self.num_columns = state["num_columns"]
             return
         dev = self.values.device if self.values is not None else values.device
         self.values = values.to(dev, self.dtype)
         self.cols = None if state["cols"] is None else state["cols"].to(dev)
         self.seen = state["seen"].to(dev)
+        self._checkpoint_shape = (int(values.shape[0]), state["num_columns"])
 
     def __repr__(self) -> str:
-        shape = (self.num_samples, self.num_columns)
+        shape = self._checkpoint_shape or (self.num_samples, self.num_columns)
         return f"PerSampleTable(shape={shape}, dtype={self.dtype}, device={self.device_spec!r}, topk={self.topk})"
 
 
