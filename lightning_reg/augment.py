@@ -34,6 +34,10 @@ augmentation            input shapes                           suits
 :class:`RandomResizedCrop`  float ``(B, C, H, W)``             images only
 :class:`MultiScale`     float ``(B, C, L)``, ``(B, C, H, W)``  images (and 1-D signals); the model must accept
                                                                the rescaled size unless ``keep_size=True``
+:class:`WeakAugment`    ``(B, C, H, W)``                       images: FixMatch's weak view (flip + shift)
+:class:`RandAugment`    float ``(B, C, H, W)``                 images: FixMatch's strong view (RandAugment +
+                                                               Cutout); set ``value_range`` for known ranges
+:class:`Cutout`         float ``(B, C, H, W)``                 images
 ======================  =====================================  ===============================================
 
 **Your own augmentation.** Subclass :class:`Augmentation`, take only
@@ -69,11 +73,14 @@ __all__ = [
     "Augmentation",
     "AugmentationLike",
     "Compose",
+    "Cutout",
     "GaussianNoise",
     "MultiScale",
     "PatchMask",
+    "RandAugment",
     "RandomFlip",
     "RandomResizedCrop",
+    "WeakAugment",
     "get_augmentation",
 ]
 
@@ -399,6 +406,430 @@ class MultiScale(Augmentation):
         return self._rescale(x, self.scales[i])
 
 
+# -- FixMatch's weak and strong views ------------------------------------------------------------------------
+
+
+def _check_value_range(value_range: Any) -> list[float] | None:
+    if value_range is None:
+        return None
+    ok = isinstance(value_range, (list, tuple)) and len(value_range) == 2
+    if ok:
+        lo, hi = (check_float("value_range", v) for v in value_range)
+        ok = lo < hi
+    if not ok:
+        raise ValueError(
+            "Expected argument `value_range` to be a [low, high] pair with low < high, or None, but got"
+            f" {value_range!r}."
+        )
+    return [lo, hi]
+
+
+def _internal_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half types (photometric ops need the precision), else the input dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _to_unit(x: Tensor, value_range: list[float] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Map ``x`` to ``u`` in ``[0, 1]``: ``u = clamp((x - lo) / (hi - lo))``; per-image min/max when no range is given.
+
+    Returns ``(u, lo, scale)`` with ``lo`` and ``scale = hi - lo`` broadcastable to ``x``.
+    """
+    xf = x.to(_internal_dtype(x))
+    b = x.shape[0]
+    if value_range is None:
+        dims = tuple(range(1, x.dim()))
+        lo, hi = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
+    else:
+        lo = torch.full((b, *([1] * (x.dim() - 1))), value_range[0], dtype=xf.dtype, device=x.device)
+        hi = torch.full_like(lo, value_range[1])
+    scale = (hi - lo).clamp_min(torch.finfo(xf.dtype).tiny)
+    return ((xf - lo) / scale).clamp(0.0, 1.0), lo, scale
+
+
+def _from_unit(x: Tensor, u_in: Tensor, u_out: Tensor, lo: Tensor, scale: Tensor) -> Tensor:
+    """Map back: pixels the ops left untouched keep their exact input value, the rest become ``lo + u·scale``."""
+    return torch.where(u_out == u_in, x.to(u_out.dtype), lo + u_out * scale).to(x.dtype)
+
+
+def _cutout_mask(x: Tensor, size: float, random_size: bool, generator: torch.Generator | None) -> Tensor:
+    """A ``(B, 1, H, W)`` mask with one axis-aligned box per image (a square on square images), clipped at the border.
+
+    Side: ``v·H`` by ``v·W`` with ``v ~ U(0, size)`` (``v = size`` if not ``random_size``); centre uniform in the
+    image. A pixel is inside when its centre is.
+    """
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    r = torch.rand(3, b, device=x.device, generator=generator, dtype=torch.float32)
+    frac = size * r[0] if random_size else torch.full_like(r[0], size)
+    cy, cx = r[1] * h, r[2] * w
+    half_h, half_w = (frac * h / 2).unsqueeze(1), (frac * w / 2).unsqueeze(1)
+    rows = torch.arange(h, device=x.device, dtype=torch.float32) + 0.5
+    cols = torch.arange(w, device=x.device, dtype=torch.float32) + 0.5
+    in_r = (rows >= cy.unsqueeze(1) - half_h) & (rows < cy.unsqueeze(1) + half_h)  # (B, H)
+    in_c = (cols >= cx.unsqueeze(1) - half_w) & (cols < cx.unsqueeze(1) + half_w)  # (B, W)
+    return (in_r.unsqueeze(2) & in_c.unsqueeze(1)).unsqueeze(1)
+
+
+class WeakAugment(Augmentation):
+    r"""FixMatch's weak view: a random horizontal flip and a random integer translation, batched with index gathers.
+
+    Paper: *FixMatch: Simplifying Semi-Supervised Learning with Consistency
+    and Confidence*, https://arxiv.org/abs/2001.07685: "flip-and-shift":
+    horizontal flip with probability 0.5, then a translation by up to 12.5 %
+    of the image size (on CIFAR, pad 4 px with reflection and crop 32 px back).
+    Each sample draws its flip and its shifts
+    :math:`d_y \sim \mathcal U\{-p_h..p_h\},\ d_x \sim \mathcal U\{-p_w..p_w\}` with
+    :math:`p = \lfloor \text{translate} \cdot \text{size} \rfloor` (3 px on 28-px Fashion-MNIST), and
+
+    .. math:: \tilde x_{c,i,j} = x_{c,\ r(i - d_y),\ f(r(j - d_x))},
+
+    with :math:`r` the reflection at the border (``padding_mode="reflect"``,
+    as ``np.pad(mode="reflect")``) and :math:`f(j) = W - 1 - j` for flipped samples.
+    ``padding_mode="constant"`` writes ``fill`` where the shifted image does
+    not reach instead. Pixel values are copied, never resampled, so integer
+    images work too and the view is exact in any dtype.
+
+    Args:
+        flip_p: The probability of the horizontal flip.
+        translate: The largest shift as a fraction of the height and width, in ``[0, 0.5]``.
+        padding_mode: ``"reflect"`` (FixMatch) or ``"constant"``.
+        fill: The value of uncovered pixels with ``padding_mode="constant"`` (in the input's units).
+
+    Example:
+        >>> x = torch.arange(4.0).reshape(1, 1, 1, 4)
+        >>> WeakAugment(flip_p=1.0, translate=0.0)(x)
+        tensor([[[[3., 2., 1., 0.]]]])
+        >>> _ = torch.manual_seed(0)
+        >>> WeakAugment(flip_p=0.0, translate=0.25, padding_mode="constant", fill=-1.0)(x)
+        tensor([[[[-1.,  0.,  1.,  2.]]]])
+    """
+
+    def __init__(
+        self,
+        flip_p: float = 0.5,
+        translate: float = 0.125,
+        padding_mode: Literal["reflect", "constant"] = "reflect",
+        fill: float = 0.0,
+    ) -> None:
+        self.flip_p = check_float("flip_p", flip_p, 0.0, 1.0)
+        self.translate = check_float("translate", translate, 0.0, 0.5)
+        self.padding_mode = check_choice("padding_mode", padding_mode, ["reflect", "constant"])
+        self.fill = check_float("fill", fill)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_batch(x, "WeakAugment", dims=(4,), floating=False)
+        b, c, h, w = x.shape
+        dev = x.device
+        flip = torch.rand(b, device=dev, generator=generator) < self.flip_p
+        ph, pw = int(self.translate * h), int(self.translate * w)
+        dy = torch.randint(-ph, ph + 1, (b, 1), device=dev, generator=generator)
+        dx = torch.randint(-pw, pw + 1, (b, 1), device=dev, generator=generator)
+        rows = torch.arange(h, device=dev) - dy  # (B, H): output row i reads input row i - dy
+        cols = torch.arange(w, device=dev) - dx  # (B, W)
+        valid_r, valid_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+        if self.padding_mode == "reflect":  # |shift| <= size / 2 <= size - 1: one reflection suffices
+            rows, cols = rows.abs(), cols.abs()
+            rows = torch.where(rows >= h, 2 * (h - 1) - rows, rows)
+            cols = torch.where(cols >= w, 2 * (w - 1) - cols, cols)
+        else:
+            rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+        cols = torch.where(flip.unsqueeze(1), w - 1 - cols, cols)
+        out = x.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w))
+        out = out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+        if self.padding_mode == "constant":
+            valid = valid_r.view(b, 1, h, 1) & valid_c.view(b, 1, 1, w)
+            out = torch.where(valid, out, torch.full((), self.fill, dtype=x.dtype, device=dev))
+        return out
+
+
+class Cutout(Augmentation):
+    r"""Cutout: fill one random box per image (a square of side ``v`` times the image side) with a constant.
+
+    Paper: *Improved Regularization of Convolutional Neural Networks with
+    Cutout*, https://arxiv.org/abs/1708.04552; FixMatch
+    (https://arxiv.org/abs/2001.07685) ends its strong view with it, a grey
+    square of side :math:`v \cdot` width with :math:`v \sim \mathcal U(0, 0.5)`.
+    Each image draws :math:`v` (fixed to ``size`` when ``random_size=False``)
+    and a uniform centre; the box is clipped at the border and shared by the
+    channels. The fill is a fraction of the value range: ``0.5`` (default) is
+    FixMatch's grey, ``0`` black. With ``value_range=None`` the range is each
+    image's own ``[min, max]``, which suits normalised images: Fashion-MNIST
+    standardised by :class:`~lightning_reg.data.datamodules.FashionMNISTDataModule`
+    has ``value_range=[-0.8102, 2.0227]`` (``(0 - 0.286) / 0.353``, ``(1 - 0.286) / 0.353``).
+
+    Args:
+        size: The largest side ``v`` as a fraction of the image side, in ``[0, 1)``; ``0`` disables it.
+        random_size: Draw ``v ~ U(0, size)`` per image (FixMatch); ``False`` always uses ``size``.
+        fill: The fill as a fraction of the value range, in ``[0, 1]``.
+        value_range: ``[low, high]`` of the pixel values, or ``None`` for each image's ``[min, max]``.
+
+    Example:
+        >>> _ = torch.manual_seed(2)
+        >>> Cutout(size=0.5, random_size=False, fill=0.0, value_range=[0.0, 1.0])(torch.ones(1, 1, 4, 4))[0, 0]
+        tensor([[1., 1., 1., 1.],
+                [1., 1., 0., 0.],
+                [1., 1., 0., 0.],
+                [1., 1., 1., 1.]])
+    """
+
+    def __init__(
+        self, size: float = 0.5, random_size: bool = True, fill: float = 0.5, value_range: list[float] | None = None
+    ) -> None:
+        self.size = check_float("size", size, 0.0, 1.0, high_inclusive=False)
+        self.random_size = check_bool("random_size", random_size)
+        self.fill = check_float("fill", fill, 0.0, 1.0)
+        self.value_range = _check_value_range(value_range)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_batch(x, "Cutout", dims=(4,))
+        if self.size == 0.0:
+            return x
+        u, lo, scale = _to_unit(x, self.value_range)
+        mask = _cutout_mask(x, self.size, self.random_size, generator)
+        out = torch.where(mask, torch.full((), self.fill, dtype=u.dtype, device=u.device), u)
+        return _from_unit(x, u, out, lo, scale)
+
+
+_GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_BLEND_OPS = ("brightness", "color", "contrast", "sharpness")
+#: Strength of each op at magnitude 1 (FixMatch/USB ranges): degrees, shear factor, fraction of the size,
+#: largest change of the enhancement factor.
+_MAX_ROTATE, _MAX_SHEAR, _MAX_TRANSLATE, _MAX_ENHANCE = 30.0, 0.3, 0.3, 0.9
+
+
+def _grey(u: Tensor) -> Tensor:
+    """``(B, 1, H, W)`` luminance (ITU-R 601-2, as PIL) of RGB images, the channel mean otherwise."""
+    if u.shape[1] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=u.dtype, device=u.device).view(1, 3, 1, 1)
+        return (u * weights).sum(1, keepdim=True)
+    return u.mean(1, keepdim=True)
+
+
+def _sharpness_degenerate(u: Tensor) -> Tensor:
+    """PIL's SMOOTH filter ``[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13`` on interior pixels; the border is kept."""
+    if u.shape[-2] < 3 or u.shape[-1] < 3:
+        return u
+    smooth = (F.avg_pool2d(u, 3, stride=1) * 9.0 + 4.0 * u[..., 1:-1, 1:-1]) / 13.0
+    return F.pad(smooth, (1, 1, 1, 1)) + F.pad(torch.zeros_like(smooth), (1, 1, 1, 1), value=1.0) * u
+
+
+def _equalize(u: Tensor) -> Tensor:
+    """Histogram equalization per image and channel of the 8-bit quantised image (torchvision's/PIL's lookup table)."""
+    b, c = u.shape[:2]
+    q = (u * 255.0).round().long().flatten(2)  # (B, C, N)
+    n = q.shape[-1]
+    offsets = (torch.arange(b * c, device=u.device) * 256).view(b, c, 1)  # one histogram per image and channel
+    hist = torch.bincount((q + offsets).flatten(), minlength=b * c * 256).view(b, c, 256).to(u.dtype)
+    last = hist.gather(2, q.amax(2, keepdim=True))  # pixels in the highest occupied bin
+    step = torch.floor((n - last) / 255.0)
+    below = hist.cumsum(2) - hist  # pixels strictly below each bin
+    lut = (torch.floor((below + torch.floor(step / 2)) / step.clamp_min(1.0)).clamp(0, 255)) / 255.0
+    out = lut.gather(2, q).view_as(u)
+    return torch.where(step.unsqueeze(-1) > 0, out, u)  # a (nearly) constant channel is left as is
+
+
+def _geometric_theta(op: str, v: Tensor, h: int, w: int) -> Tensor:
+    """``(B, 2, 3)`` ``affine_grid`` matrices (output → input, normalised coordinates) about the image centre."""
+    one, zero = torch.ones_like(v), torch.zeros_like(v)
+    if op == "rotate":
+        a = v * (_MAX_ROTATE * math.pi / 180.0)
+        cos, sin = torch.cos(a), torch.sin(a)
+        rows = [[cos, -sin * (h / w), zero], [sin * (w / h), cos, zero]]
+    elif op == "shear_x":
+        rows = [[one, v * (_MAX_SHEAR * h / w), zero], [zero, one, zero]]
+    elif op == "shear_y":
+        rows = [[one, zero, zero], [v * (_MAX_SHEAR * w / h), one, zero]]
+    elif op == "translate_x":
+        rows = [[one, zero, -2.0 * _MAX_TRANSLATE * v], [zero, one, zero]]
+    else:  # translate_y
+        rows = [[one, zero, zero], [zero, one, -2.0 * _MAX_TRANSLATE * v]]
+    return torch.stack([torch.stack(r, dim=1) for r in rows], dim=1)
+
+
+def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)`` as elementwise ops (faster than its k=3 ``bmm``)."""
+    xs = ((torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1).view(1, 1, w)
+    ys = ((torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1).view(1, h, 1)
+    t = theta.reshape(-1, 6, 1, 1)
+    return torch.stack([t[:, 0] * xs + t[:, 1] * ys + t[:, 2], t[:, 3] * xs + t[:, 4] * ys + t[:, 5]], dim=-1)
+
+
+class RandAugment(Augmentation):
+    r"""FixMatch's strong view: RandAugment with per-sample random ops and magnitudes, then Cutout, batched on device.
+
+    Paper: *RandAugment: Practical automated data augmentation with a reduced
+    search space*, https://arxiv.org/abs/1909.13719, as FixMatch
+    (https://arxiv.org/abs/2001.07685) uses it: each sample applies
+    ``num_ops`` ops drawn uniformly (with replacement) from ``ops``, each with
+    its own magnitude :math:`m \sim \mathcal U(0, 1)` ("we randomly sample the
+    magnitude ... at each training step"; ``magnitude=m`` fixes it as in the
+    original RandAugment) and a random sign, then :class:`Cutout` with
+    :math:`v \sim \mathcal U(0, \text{cutout})`. Every op runs on the whole
+    batch and each sample keeps the result of its own op (``torch.where``):
+    no per-sample loop and no host sync. The geometric ops of a round share one
+    ``affine_grid`` + ``grid_sample``.
+
+    The ops work on :math:`u = (x - \text{low}) / (\text{high} - \text{low})` clipped
+    to :math:`[0, 1]`, with ``value_range=[low, high]`` or, if ``None``, each
+    image's own ``[min, max]`` (so normalised images need no conversion; for
+    the standardised Fashion-MNIST of the built-in datamodules the exact
+    range is ``[-0.8102, 2.0227]``). Pixels an op leaves unchanged keep their
+    exact input value; the others are mapped back to ``low + u (high - low)``.
+    Half-precision inputs are processed in fp32 and returned in their dtype.
+
+    ===============  =====================================================  ==========================
+    op               effect at magnitude ``m`` with a random sign ``s``     ``m = 0``
+    ===============  =====================================================  ==========================
+    ``identity``     none                                                   identity
+    ``autocontrast`` stretch each channel to ``[0, 1]`` (no magnitude)      (not the identity)
+    ``equalize``     histogram equalization of the 8-bit quantised image,   (not the identity)
+                     torchvision's lookup table (no magnitude)
+    ``rotate``       rotate by ``30° · m · s`` about the centre             identity
+    ``solarize``     invert pixels ``u >= 1 - m``                           identity
+    ``color``        blend with the grey image, factor ``1 + 0.9 m s``      identity
+    ``posterize``    keep ``8 - round(4 m)`` bits                           identity (8 bits)
+    ``contrast``     blend with the mean grey level, factor ``1 + 0.9 m s`` identity
+    ``brightness``   blend with black, factor ``1 + 0.9 m s``               identity
+    ``sharpness``    blend with PIL's smoothed image, factor ``1 + 0.9 m s`` identity
+    ``shear_x/_y``   shear by ``0.3 m s`` about the centre                  identity
+    ``translate_x``  shift by ``0.3 m s`` of the width (height for ``_y``)  identity
+    ===============  =====================================================  ==========================
+
+    Geometric ops fill uncovered pixels with black (``u = 0``, PIL's
+    default). The results are clipped to ``[0, 1]`` after every op.
+    Differences from PIL, documented: ``equalize`` works on the 8-bit
+    quantisation of ``u``; shears are about the centre (PIL's about the
+    corner, which also shifts the image); ``color`` is the identity on
+    single-channel images.
+
+    Args:
+        num_ops: Ops per sample (FixMatch: 2).
+        magnitude: A fixed magnitude in ``[0, 1]``, or ``None`` to draw ``m ~ U(0, 1)`` per sample and op.
+        ops: The op names to draw from (default: all of :attr:`OPS`).
+        cutout: The largest Cutout side as a fraction of the image side, in ``[0, 1)`` (FixMatch: 0.5; 0: none).
+        cutout_fill: The Cutout fill as a fraction of the value range (0.5: grey, as FixMatch; 0: black).
+        value_range: ``[low, high]`` of the pixel values, or ``None`` for each image's ``[min, max]``.
+        mode: ``"nearest"`` (as PIL's and torchvision's RandAugment) or ``"bilinear"`` resampling of geometric ops.
+
+    Example:
+        >>> x = torch.rand(4, 1, 28, 28)
+        >>> torch.equal(RandAugment(magnitude=0.0, ops=["rotate", "solarize"], cutout=0.0)(x), x)
+        True
+        >>> RandAugment()(x).shape
+        torch.Size([4, 1, 28, 28])
+    """
+
+    #: The op names, in the order the op index is drawn from.
+    OPS: tuple[str, ...] = (
+        "identity",
+        "autocontrast",
+        "equalize",
+        "rotate",
+        "solarize",
+        "color",
+        "posterize",
+        "contrast",
+        "brightness",
+        "sharpness",
+        "shear_x",
+        "shear_y",
+        "translate_x",
+        "translate_y",
+    )
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float | None = None,
+        ops: list[str] | None = None,
+        cutout: float = 0.5,
+        cutout_fill: float = 0.5,
+        value_range: list[float] | None = None,
+        mode: Literal["nearest", "bilinear"] = "nearest",
+    ) -> None:
+        self.num_ops = check_int("num_ops", num_ops, low=0)
+        self.magnitude = None if magnitude is None else check_float("magnitude", magnitude, 0.0, 1.0)
+        ops = list(self.OPS) if ops is None else list(ops)
+        if not ops:
+            raise ValueError(f"Expected argument `ops` to be a non-empty list of op names from {list(self.OPS)}.")
+        self.ops = [check_choice("ops", op, list(self.OPS)) for op in ops]
+        self.cutout = check_float("cutout", cutout, 0.0, 1.0, high_inclusive=False)
+        self.cutout_fill = check_float("cutout_fill", cutout_fill, 0.0, 1.0)
+        self.value_range = _check_value_range(value_range)
+        self.mode = check_choice("mode", mode, ["nearest", "bilinear"])
+
+    def _round(self, u: Tensor, op: Tensor, m: Tensor, sign: Tensor) -> Tensor:
+        """One round: sample ``i`` applies op ``self.ops[op[i]]`` with magnitude ``m[i]`` and sign ``sign[i]``."""
+        b, _, h, w = u.shape
+
+        def chosen(name: str) -> Tensor:
+            hit = torch.zeros(b, dtype=torch.bool, device=u.device)
+            for k, op_name in enumerate(self.ops):  # a name may be listed twice (a higher weight)
+                if op_name == name:
+                    hit = hit | (op == k)
+            return hit.view(b, 1, 1, 1)
+
+        names = set(self.ops)
+        out = u
+        signed = m * sign
+        geometric = [n for n in _GEOMETRIC_OPS if n in names]
+        if geometric:
+            theta = torch.eye(2, 3, dtype=u.dtype, device=u.device).expand(b, 2, 3)
+            is_geo = torch.zeros(b, 1, 1, 1, dtype=torch.bool, device=u.device)
+            for name in geometric:
+                hit = chosen(name)
+                theta = torch.where(hit.view(b, 1, 1), _geometric_theta(name, signed, h, w), theta)
+                is_geo = is_geo | hit
+            grid = _affine_grid(theta, h, w)
+            warped = F.grid_sample(u, grid, mode=self.mode, padding_mode="zeros", align_corners=False)
+            out = torch.where(is_geo & (m > 0).view(b, 1, 1, 1), warped, out)
+        # PIL's ImageEnhance: blend(degenerate, u, f) = u + (1 - f)(degenerate - u), f = 1 + 0.9 m s (exact at f = 1).
+        one_minus_f = (-_MAX_ENHANCE * signed).view(b, 1, 1, 1)
+        for name in _BLEND_OPS:
+            if name not in names:
+                continue
+            if name == "brightness":
+                degenerate = torch.zeros_like(u)
+            elif name == "color":
+                degenerate = _grey(u).expand_as(u)
+            elif name == "contrast":
+                degenerate = _grey(u).mean((1, 2, 3), keepdim=True).expand_as(u)
+            else:
+                degenerate = _sharpness_degenerate(u)
+            out = torch.where(chosen(name), u + one_minus_f * (degenerate - u), out)
+        if "autocontrast" in names:
+            lo, hi = u.amin((2, 3), keepdim=True), u.amax((2, 3), keepdim=True)
+            stretched = torch.where(hi > lo, (u - lo) / (hi - lo).clamp_min(torch.finfo(u.dtype).tiny), u)
+            out = torch.where(chosen("autocontrast"), stretched, out)
+        if "equalize" in names:
+            out = torch.where(chosen("equalize"), _equalize(u), out)
+        if "solarize" in names:
+            invert = (u >= (1.0 - m).view(b, 1, 1, 1)) & (m > 0).view(b, 1, 1, 1)
+            out = torch.where(chosen("solarize") & invert, 1.0 - u, out)
+        if "posterize" in names:
+            levels = torch.exp2(torch.round(4.0 * m)).view(b, 1, 1, 1)  # 2 ** (8 - bits)
+            poster = torch.floor(torch.round(u * 255.0) / levels) * levels / 255.0
+            out = torch.where(chosen("posterize") & (levels > 1), poster, out)
+        return out.clamp(0.0, 1.0)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_batch(x, "RandAugment", dims=(4,))
+        u_in, lo, scale = _to_unit(x, self.value_range)
+        b, dev, dtype = x.shape[0], x.device, u_in.dtype
+        op = torch.randint(len(self.ops), (self.num_ops, b), device=dev, generator=generator)
+        if self.magnitude is None:
+            m = torch.rand(self.num_ops, b, device=dev, generator=generator, dtype=dtype)
+        else:
+            m = torch.full((self.num_ops, b), self.magnitude, device=dev, dtype=dtype)
+        sign = torch.where(torch.rand(self.num_ops, b, device=dev, generator=generator) < 0.5, -1.0, 1.0).to(dtype)
+        u = u_in
+        for k in range(self.num_ops):
+            u = self._round(u, op[k], m[k], sign[k])
+        if self.cutout > 0:
+            mask = _cutout_mask(x, self.cutout, True, generator)
+            u = torch.where(mask, torch.full((), self.cutout_fill, dtype=dtype, device=dev), u)
+        return _from_unit(x, u_in, u, lo, scale)
+
+
 class Compose(Augmentation):
     """Apply augmentations in sequence; multi-view members fan out into several views.
 
@@ -448,6 +879,10 @@ _NAMED: dict[str, type[Augmentation]] = {
     "flip": RandomFlip,
     "resized_crop": RandomResizedCrop,
     "multiscale": MultiScale,
+    "weak": WeakAugment,
+    "strong": RandAugment,
+    "randaugment": RandAugment,
+    "cutout": Cutout,
 }
 
 AugmentationLike = str | Augmentation
@@ -457,7 +892,9 @@ def get_augmentation(augmentation: AugmentationLike, name: str = "augmentation")
     """Resolve an augmentation given by short name or as an instance.
 
     Short names build the class with its defaults: ``"gaussian_noise"``,
-    ``"patch_mask"``, ``"flip"``, ``"resized_crop"`` and ``"multiscale"``.
+    ``"patch_mask"``, ``"flip"``, ``"resized_crop"``, ``"multiscale"``, and
+    FixMatch's views ``"weak"`` (:class:`WeakAugment`), ``"strong"`` or
+    ``"randaugment"`` (:class:`RandAugment`) and ``"cutout"`` (:class:`Cutout`).
 
     Raises:
         ValueError: For an unknown short name.

@@ -12,11 +12,14 @@ import torch
 from lightning_reg.augment import (
     Augmentation,
     Compose,
+    Cutout,
     GaussianNoise,
     MultiScale,
     PatchMask,
+    RandAugment,
     RandomFlip,
     RandomResizedCrop,
+    WeakAugment,
     get_augmentation,
 )
 
@@ -38,6 +41,12 @@ AUGS: dict[str, tuple[Callable[[], Augmentation], tuple[int, ...]]] = {
     "flip": (lambda: RandomFlip(p=0.5, dims=[-1, -2]), (6, 3, 8, 8)),
     "resized_crop": (lambda: RandomResizedCrop(scale=[0.3, 1.0]), (6, 3, 8, 8)),
     "compose": (lambda: Compose([RandomFlip(), PatchMask(patch_size=2), GaussianNoise(0.1)]), (6, 3, 8, 8)),
+    "weak": (lambda: WeakAugment(), (6, 3, 8, 8)),
+    "weak_constant": (lambda: WeakAugment(translate=0.25, padding_mode="constant"), (6, 1, 8, 8)),
+    "randaugment": (lambda: RandAugment(), (6, 3, 8, 8)),
+    "randaugment_fixed_range": (lambda: RandAugment(num_ops=3, magnitude=0.7, value_range=[-2.0, 2.0]), (6, 1, 8, 8)),
+    "randaugment_bilinear": (lambda: RandAugment(mode="bilinear", cutout=0.0), (6, 3, 8, 8)),
+    "cutout": (lambda: Cutout(), (6, 3, 8, 8)),
 }
 
 
@@ -269,3 +278,253 @@ def test_bad_inputs_are_clear() -> None:
     assert PatchMask(patch_size=2)(img).dtype == torch.long
     assert torch.equal(RandomFlip(p=1.0)(img), img.flip(-1))
     assert math.isclose(sum(MultiScale().view_weights()), 1.0)
+
+
+# -- FixMatch's weak and strong views -----------------------------------------------------------------------
+
+
+def _coordinates(b: int, h: int, w: int) -> torch.Tensor:
+    """``(b, 2, h, w)`` images: channel 0 holds the column index, channel 1 the row index."""
+    cols = torch.arange(w, dtype=torch.float32).expand(h, w)
+    rows = torch.arange(h, dtype=torch.float32).unsqueeze(1).expand(h, w)
+    return torch.stack([cols, rows]).expand(b, 2, h, w).contiguous()
+
+
+def _fashion_like(b: int = 16, seed: int = 0) -> torch.Tensor:
+    """Normalised Fashion-MNIST-like images: ``(u - 0.286) / 0.353`` with ``u`` in [0, 1] and a black border."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(b, 1, 28, 28, generator=g)
+    u[..., :3, :] = 0.0
+    u[..., 5, 5] = 1.0
+    return (u - 0.2860) / 0.3530
+
+
+def test_weak_augment_flips_and_translates_within_bounds() -> None:
+    b, h, w = 400, 16, 32
+    x = _coordinates(b, h, w)
+    assert torch.equal(WeakAugment(flip_p=0.0, translate=0.0)(x), x)
+    assert torch.equal(WeakAugment(flip_p=1.0, translate=0.0)(x), x.flip(-1))
+    torch.manual_seed(0)
+    flipped_only = WeakAugment(flip_p=0.5, translate=0.0)(x)
+    flipped = (flipped_only == x.flip(-1)).flatten(1).all(1)
+    assert bool(((flipped_only == x).flatten(1).all(1) | flipped).all()) and 150 < int(flipped.sum()) < 250
+    # Translation only: integer shifts up to int(0.125 * size) pixels with reflect padding (FixMatch's pad + crop).
+    torch.manual_seed(1)
+    out = WeakAugment(flip_p=0.0)(x)
+    pw, ph = int(0.125 * w), int(0.125 * h)
+    dx = pw - out[:, 0, 0, pw]  # output column j reads input column j - dx (no reflection needed at j = pw)
+    dy = ph - out[:, 1, ph, 0]
+    assert set(dx.long().tolist()) == set(range(-pw, pw + 1))
+    assert set(dy.long().tolist()) == set(range(-ph, ph + 1))
+
+    def reflect(k: torch.Tensor, n: int) -> torch.Tensor:
+        k = k.abs()
+        return torch.where(k >= n, 2 * (n - 1) - k, k)
+
+    cols = reflect(torch.arange(w) - dx.long()[:, None], w).float()
+    rows = reflect(torch.arange(h) - dy.long()[:, None], h).float()
+    assert torch.equal(out[:, 0], cols[:, None, :].expand(b, h, w))
+    assert torch.equal(out[:, 1], rows[:, :, None].expand(b, h, w))
+    # Constant padding fills the uncovered border; the content is still an exact shift.
+    torch.manual_seed(2)
+    ones = torch.ones(b, 1, h, w)
+    const = WeakAugment(flip_p=0.0, translate=0.25, padding_mode="constant", fill=-1.0)(ones)
+    filled = (const == -1.0).float().sum((1, 2, 3))
+    assert float(filled.max()) > 0 and float(filled.max()) <= (4 * w + 8 * h)  # at most 4 rows and 8 columns
+    # Integer images work too (index gathers, no resampling).
+    img = torch.arange(16).reshape(1, 1, 4, 4)
+    assert torch.equal(WeakAugment(flip_p=1.0, translate=0.0)(img), img.flip(-1))
+
+
+def test_randaugment_magnitude_zero_is_the_identity() -> None:
+    x = _fashion_like()
+    ops = [op for op in RandAugment.OPS if op not in ("autocontrast", "equalize")]  # these have no magnitude
+    for value_range in (None, [-0.81, 2.03], [-0.5, 1.0]):  # the last clips some pixels: still untouched
+        aug = RandAugment(num_ops=3, magnitude=0.0, ops=ops, cutout=0.0, value_range=value_range)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            assert torch.equal(aug(x), x)
+    assert torch.equal(RandAugment(ops=["identity"], cutout=0.0)(x), x)
+    assert torch.equal(RandAugment(num_ops=0, cutout=0.0)(x), x)
+    half = x.to(torch.bfloat16)
+    assert torch.equal(RandAugment(num_ops=2, magnitude=0.0, ops=ops, cutout=0.0)(half), half)
+
+
+def test_randaugment_ops_semantics() -> None:
+    x = _fashion_like()
+    lo, hi = -0.2860 / 0.3530, (1 - 0.2860) / 0.3530
+    vr = [lo, hi]
+
+    def run(op: str, magnitude: float = 1.0, inp: torch.Tensor = x, **kw: object) -> torch.Tensor:
+        torch.manual_seed(0)
+        return RandAugment(num_ops=1, magnitude=magnitude, ops=[op], cutout=0.0, value_range=vr, **kw)(inp)  # type: ignore[arg-type]
+
+    u = (x - lo) / (hi - lo)
+    # Solarize at full magnitude inverts every pixel (threshold 0) within the value range.
+    torch.testing.assert_close(run("solarize"), lo + hi - x, atol=1e-5, rtol=0)
+    # Posterize at full magnitude keeps 4 bits: multiples of 16 / 255.
+    post = ((run("posterize") - lo) / (hi - lo) * 255).round()
+    assert bool((post % 16 == 0).all())
+    # Brightness scales the [0, 1] image by one factor per image, 1 ± 0.9 m, then clips.
+    bright = (run("brightness", 0.5) - lo) / (hi - lo)
+    keep = (u > 0.05) & (u < 0.65)  # not clipped at 1
+    ratio = bright[keep] / u[keep]
+    assert bool(((ratio - 0.55).abs() < 1e-4).logical_or((ratio - 1.45).abs() < 1e-4).all())
+    # Translation moves the content by ± 0.3 of the width (nearest resampling keeps pixel values).
+    coords = _coordinates(8, 20, 20)
+    torch.manual_seed(0)
+    moved = RandAugment(num_ops=1, magnitude=1.0, ops=["translate_x"], cutout=0.0, value_range=[0.0, 19.0])(coords)
+    shift = moved[:, 0, :, 10] - 10
+    assert set(shift.unique().round().tolist()) <= {-6.0, 6.0}
+    # Rotation and shear keep the centre pixel of an odd-sized image and change the rest.
+    for op in ("rotate", "shear_x", "shear_y"):
+        odd = _fashion_like(4)[..., :27, :27]
+        out = run(op, inp=odd)
+        torch.testing.assert_close(out[..., 13, 13], odd[..., 13, 13])
+        assert not torch.equal(out, odd)
+    # Equalize is monotone and spreads a low-contrast image over the whole range.
+    dim = lo + 0.2 * (hi - lo) * torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    eq = run("equalize", inp=dim)
+    flat_in, flat_out = dim.flatten(1), eq.flatten(1)
+    order = flat_in.argsort(1)
+    assert bool((flat_out.gather(1, order).diff(dim=1) >= -1e-6).all())
+    assert float(eq.amax()) > hi - 0.05 * (hi - lo)
+    # Autocontrast stretches each channel to the full range.
+    rgb = 0.25 + 0.5 * torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    ac = RandAugment(num_ops=1, ops=["autocontrast"], cutout=0.0, value_range=[0.0, 1.0])(rgb)
+    torch.testing.assert_close(ac.amin((2, 3)), torch.zeros(3, 3))
+    torch.testing.assert_close(ac.amax((2, 3)), torch.ones(3, 3))
+    # The output stays in the value range whatever the ops.
+    torch.manual_seed(5)
+    strong = RandAugment(num_ops=4, value_range=vr)(x)
+    assert float(strong.amin()) >= lo - 1e-5 and float(strong.amax()) <= hi + 1e-5
+
+
+def test_randaugment_draws_per_sample() -> None:
+    x = _fashion_like(64)
+    torch.manual_seed(0)
+    out = RandAugment(num_ops=2, cutout=0.0)(x)
+    changed = (out != x).flatten(1).float().mean(1)
+    assert len(set(changed.tolist())) > 20  # per-sample ops and magnitudes, not one draw per batch
+    # A fixed magnitude still draws the ops per sample.
+    torch.manual_seed(0)
+    fixed = RandAugment(num_ops=1, magnitude=0.9, ops=["brightness", "solarize", "translate_y"], cutout=0.0)(x)
+    assert len({tuple(r) for r in (fixed != x).flatten(1)[:, :100].tolist()}) > 3
+
+
+def test_cutout_area_is_bounded() -> None:
+    b, h, w = 500, 20, 30
+    x = torch.ones(b, 3, h, w)
+    torch.manual_seed(0)
+    out = Cutout(size=0.5, fill=0.0, value_range=[0.0, 1.0])(x)
+    hole = out == 0.0
+    assert bool((hole == hole[:, :1]).all())  # shared by the channels
+    rows, cols = hole[:, 0].any(2).sum(1), hole[:, 0].any(1).sum(1)
+    assert torch.equal(hole[:, 0].sum((1, 2)), rows * cols)  # one axis-aligned rectangle per image
+    assert int(rows.max()) <= 0.5 * h + 1 and int(cols.max()) <= 0.5 * w + 1
+    assert int((rows * cols).gt(0).sum()) > 0 and len(set((rows * cols).tolist())) > 20  # random sizes
+    # A fixed size: the full square unless clipped by the border.
+    torch.manual_seed(1)
+    fixed = Cutout(size=0.5, random_size=False, fill=0.0, value_range=[0.0, 1.0])(x) == 0.0
+    assert int(fixed[:, 0].any(2).sum(1).max()) == h // 2 and int(fixed[:, 0].any(1).sum(1).max()) == w // 2
+    # The default fill is mid-grey of the value range (of each image when no range is given).
+    torch.manual_seed(2)
+    img = torch.cat([torch.zeros(b, 1, h, w // 2), torch.full((b, 1, h, w - w // 2), 4.0)], dim=-1)
+    grey = Cutout()(img)
+    assert set(grey.unique().tolist()) == {0.0, 2.0, 4.0}
+    assert torch.equal(Cutout(size=0.0)(img), img)
+    # RandAugment ends with the same cutout.
+    torch.manual_seed(3)
+    ra = RandAugment(num_ops=0, cutout=0.5, cutout_fill=0.0, value_range=[0.0, 1.0])(x)
+    assert bool((ra == 0.0).any()) and set(ra.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("aug", [WeakAugment(), RandAugment(), Cutout()], ids=lambda a: type(a).__name__)
+def test_fixmatch_views_on_bf16_normalised_images(aug: Augmentation) -> None:
+    x = _fashion_like(8).to(torch.bfloat16)
+    torch.manual_seed(0)
+    out = aug(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape and torch.isfinite(out.float()).all()
+    assert not torch.equal(out, x)
+
+
+def test_fixmatch_views_names_and_pickling() -> None:
+    assert get_augmentation("weak") == WeakAugment()
+    assert get_augmentation("strong") == RandAugment() == get_augmentation("randaugment")
+    assert get_augmentation("cutout") == Cutout()
+    for aug in (WeakAugment(translate=0.2), RandAugment(ops=["rotate"], magnitude=0.5), Cutout(size=0.3)):
+        assert pickle.loads(pickle.dumps(aug)) == aug
+
+
+@pytest.mark.parametrize(
+    ("factory", "exc", "match"),
+    [
+        (lambda: WeakAugment(flip_p=1.5), ValueError, "Expected argument `flip_p` to be a float in [0, 1]"),
+        (lambda: WeakAugment(translate=0.6), ValueError, "Expected argument `translate` to be a float in [0, 0.5]"),
+        (lambda: WeakAugment(padding_mode="zeros"), ValueError, "Expected argument `padding_mode` to be one of"),  # type: ignore[arg-type]
+        (lambda: RandAugment(num_ops=-1), ValueError, "Expected argument `num_ops` to be an int in [0, inf)"),
+        (lambda: RandAugment(magnitude=1.5), ValueError, "Expected argument `magnitude` to be a float in [0, 1]"),
+        (lambda: RandAugment(ops=["blur"]), ValueError, "Expected argument `ops` to be one of"),
+        (lambda: RandAugment(ops=[]), ValueError, "non-empty list"),
+        (lambda: RandAugment(cutout=1.0), ValueError, "Expected argument `cutout` to be a float in [0, 1)"),
+        (lambda: RandAugment(mode="bicubic"), ValueError, "Expected argument `mode` to be one of"),  # type: ignore[arg-type]
+        (lambda: Cutout(size=1.0), ValueError, "Expected argument `size` to be a float in [0, 1)"),
+        (lambda: Cutout(fill=2.0), ValueError, "Expected argument `fill` to be a float in [0, 1]"),
+        (lambda: Cutout(value_range=[1.0, 0.0]), ValueError, "Expected argument `value_range` to be a [low, high]"),
+    ],
+)
+def test_fixmatch_views_bad_arguments(factory: Callable[[], object], exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc) as info:
+        factory()
+    assert match in str(info.value)
+
+
+def test_fixmatch_views_bad_inputs() -> None:
+    with pytest.raises(ValueError, match=r"expects a batch of shape \(B, C, H, W\)"):
+        WeakAugment()(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="expects a floating-point batch"):
+        RandAugment()(torch.zeros(2, 1, 4, 4, dtype=torch.long))
+
+
+def test_randaugment_photometric_ops_match_pil() -> None:
+    """The photometric ops against PIL's ``ImageOps``/``ImageEnhance`` on 8-bit grey images."""
+    pil_image = pytest.importorskip("PIL.Image")
+    from PIL import ImageEnhance, ImageOps
+
+    g = torch.Generator().manual_seed(0)
+    imgs = (torch.rand(6, 1, 16, 16, generator=g) * 180 + 40 * torch.rand(6, 1, 1, 1, generator=g)).round()
+    m = 0.6
+    f_up, f_down = 1 + 0.9 * m, 1 - 0.9 * m
+
+    def pil(i: int) -> object:
+        return pil_image.fromarray(imgs[i, 0].to(torch.uint8).numpy(), mode="L")
+
+    def back(img: object) -> torch.Tensor:
+        return torch.tensor(list(img.getdata()), dtype=torch.float32).view(16, 16)  # type: ignore[attr-defined]
+
+    references = {
+        "equalize": lambda i: [back(ImageOps.equalize(pil(i)))],
+        "autocontrast": lambda i: [back(ImageOps.autocontrast(pil(i)))],
+        "posterize": lambda i: [back(ImageOps.posterize(pil(i), 8 - round(4 * m)))],
+        "solarize": lambda i: [back(ImageOps.solarize(pil(i), 255 * (1 - m)))],
+        "brightness": lambda i: [back(ImageEnhance.Brightness(pil(i)).enhance(f)) for f in (f_up, f_down)],
+        "contrast": lambda i: [back(ImageEnhance.Contrast(pil(i)).enhance(f)) for f in (f_up, f_down)],
+        "sharpness": lambda i: [back(ImageEnhance.Sharpness(pil(i)).enhance(f)) for f in (f_up, f_down)],
+    }
+    for op, reference in references.items():
+        torch.manual_seed(0)
+        out = RandAugment(num_ops=1, magnitude=m, ops=[op], cutout=0.0, value_range=[0.0, 255.0])(imgs)
+        for i in range(len(imgs)):
+            err = min(float((out[i, 0] - ref).abs().max()) for ref in reference(i))
+            # PIL rounds its intermediate images (the smoothed image, the mean) to 8 bits: up to 1.5 levels.
+            tol = 0.0 if op in ("equalize", "posterize") else 1.5
+            assert err <= tol + 1e-3, f"{op}: sample {i} differs from PIL by {err} levels"
+
+
+def test_affine_grid_matches_torch() -> None:
+    from lightning_reg.augment import _affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.nn.functional.affine_grid(theta, [5, 1, 6, 9], align_corners=False)
+    torch.testing.assert_close(_affine_grid(theta, 6, 9), expected)
