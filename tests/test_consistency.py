@@ -24,14 +24,25 @@ from lightning_reg.core.protocol import LossRegularizer, StepContext
 from lightning_reg.core.schedules import sigmoid_rampup
 from lightning_reg.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader
 from lightning_reg.functional.consistency import (
+    adele_multiscale_consistency,
     consistency_loss,
+    early_learning_axis,
     early_learning_curve,
     early_learning_end_epoch,
     end_of_early_learning,
     fit_early_learning_curve,
     sharpen,
 )
-from tests.helpers import TinyNet, assert_state_equal, fit, make_dataset, run_ddp_script, trainer_kwargs
+from tests.helpers import (
+    StepSeed,
+    TinyNet,
+    assert_state_equal,
+    fit,
+    make_dataset,
+    make_loader,
+    run_ddp_script,
+    trainer_kwargs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +96,8 @@ def _fake_trainer(global_step: int = 0, epoch: int = 0, batches: int = 4, max_ep
         num_training_batches=batches,
         accumulate_grad_batches=1,
         max_epochs=max_epochs,
+        training=True,
+        sanity_checking=False,
         strategy=SimpleNamespace(world_size=1),
         callbacks=[],
     )
@@ -145,7 +158,7 @@ def test_sharpen_is_a_tempered_softmax() -> None:
 
 
 def test_curve_fit_recovers_parameters_and_batches() -> None:
-    x = torch.arange(1, 11, dtype=torch.float64)
+    x = early_learning_axis(10)
     params = [(0.9, 0.5, 2.0), (0.6, 0.8, 1.0), (0.8, 0.3, 5.0)]
     curves = torch.stack(
         [early_learning_curve(x, *(torch.tensor(v, dtype=torch.float64) for v in p)) for p in params], 1
@@ -170,7 +183,11 @@ def test_end_epoch_matches_the_closed_form() -> None:
     assert int(early_learning_end_epoch(one, one, torch.tensor(100.0, dtype=torch.float64), horizon=5)) == 5
 
 
-def test_detector_matches_adele_reference_with_scipy() -> None:
+def _official_detector() -> Any:
+    """ADELE's `label_update_epoch` / `if_update` (train.py, SegThor/brat/label_correction.py), transcribed in numpy.
+
+    Returns ``if_update(iou, current_epoch, n_epoch, r, eval_interval, num_iter_per_epoch) -> (update, epoch)``.
+    """
     np = pytest.importorskip("numpy")
     optimize = pytest.importorskip("scipy.optimize")
 
@@ -181,22 +198,69 @@ def test_detector_matches_adele_reference_with_scipy() -> None:
         x = x + 1e-6
         return a * b * 1 / c * np.exp(-1 / c * x**b) * (x ** (b - 1))
 
+    def if_update(
+        iou: Any, current_epoch: int, n_epoch: int, r: float = 0.9, eval_interval: float = 1, iters: float = 1
+    ) -> tuple[bool, int]:
+        x = np.linspace(0, len(iou) * eval_interval / iters, len(iou))
+        popt, _ = optimize.curve_fit(
+            curve, x, iou, p0=(1, 1, 1), method="trf", sigma=np.geomspace(1, 0.1, len(iou)), absolute_sigma=True,
+            bounds=([0, 0, 0], [1, 1, np.inf]),
+        )  # fmt: skip
+        e = np.arange(1, n_epoch)
+        rel = abs(abs(slope(e, *popt)) - abs(slope(1, *popt))) / abs(slope(1, *popt))
+        rel[rel > 1] = 0
+        update_epoch = int(np.sum(rel <= r) + 1)
+        return bool(current_epoch >= update_epoch), update_epoch
+
+    return if_update
+
+
+def test_detector_matches_adele_reference_with_scipy() -> None:
+    np = pytest.importorskip("numpy")
+    if_update = _official_detector()
     rng = np.random.default_rng(0)
     for _ in range(8):
         t = int(rng.integers(5, 12))
         a, b, c = rng.uniform(0.4, 1.0), rng.uniform(0.3, 1.0), rng.uniform(0.5, 6.0)
-        x = np.arange(1, t + 1, dtype=float)
-        y = np.clip(curve(x, a, b, c) + rng.normal(0, 0.01, t), 0, 1)
-        popt, _ = optimize.curve_fit(
-            curve, x, y, p0=(1, 1, 1), method="trf", sigma=np.geomspace(1, 0.1, t), absolute_sigma=True,
-            bounds=([0, 0, 0], [1, 1, np.inf]),
-        )  # fmt: skip
-        e = np.arange(1, 60)
-        rel = abs(abs(slope(e, *popt)) - abs(slope(1, *popt))) / abs(slope(1, *popt))
-        rel[rel > 1] = 0
-        reference = int(np.sum(rel <= 0.9) + 1)
-        ours = early_learning_end_epoch(*fit_early_learning_curve(torch.tensor(y)), r=0.9, horizon=60)
-        assert int(ours) == reference
+        y = np.clip(a * (1 - np.exp(-(np.arange(t, dtype=float) ** b) / c)) + rng.normal(0, 0.01, t), 0, 1)
+        reference, reference_epoch = if_update(y, t - 1, n_epoch=60)  # the epoch just finished, 0-based
+        hist = torch.tensor(y)
+        ours_epoch = early_learning_end_epoch(*fit_early_learning_curve(hist), r=0.9, horizon=60)
+        assert int(ours_epoch) == reference_epoch
+        assert bool(end_of_early_learning(hist.unsqueeze(1), horizon=60)[0]) == reference
+
+
+def test_detector_fits_on_adeles_axis_not_one_to_t() -> None:
+    """A synthetic agreement curve on which the axis matters: ADELE fits epoch k's point (0-based) at
+    ``linspace(0, T, T)[k]``; fitting at ``x = 1..T`` (as before) gave a different update epoch."""
+    np = pytest.importorskip("numpy")
+    if_update = _official_detector()
+    epochs = torch.arange(10, dtype=torch.float64)
+    hist = early_learning_curve(epochs, 0.8, 1.0, 2.0) + 0.005 * torch.cos(3 * epochs)
+    _, reference_epoch = if_update(hist.numpy(), len(hist) - 1, n_epoch=30)
+    on_one_to_t = int(early_learning_end_epoch(*fit_early_learning_curve(hist, epochs + 1), horizon=30))
+    assert (reference_epoch, on_one_to_t) == (7, 8)  # the example discriminates the two axes
+    torch.testing.assert_close(early_learning_axis(10), torch.tensor(np.linspace(0, 10, 10)))
+    assert int(early_learning_end_epoch(*fit_early_learning_curve(hist), horizon=30)) == reference_epoch
+    # Every prefix decides as ADELE's `if_update(iou, epoch)` does, `epoch` being the 0-based epoch just finished.
+    for t in range(3, len(hist) + 1):
+        assert bool(end_of_early_learning(hist[:t, None], horizon=30)[0]) == if_update(hist[:t].numpy(), t - 1, 30)[0]
+    # ADELE's segmentation setting: a point every 100 iterations of 10581 / 10 per epoch.
+    curve = early_learning_curve(torch.arange(40, dtype=torch.float64) * 0.0945, 0.8, 0.6, 1.5)
+    dense = (curve + 0.01 * torch.sin(torch.arange(40.0))).clamp(0, 1)
+    update, reference_epoch = if_update(dense.numpy(), 3, n_epoch=16, eval_interval=100, iters=10581 / 10)
+    x = early_learning_axis(40, interval=100 / (10581 / 10))
+    assert int(early_learning_end_epoch(*fit_early_learning_curve(dense, x), horizon=16)) == reference_epoch
+    got = end_of_early_learning(dense[:, None], horizon=16, interval=100 / (10581 / 10), current_epoch=3)
+    assert bool(got[0]) == update
+
+
+def test_detector_counts_undefined_relative_changes_as_adele_does() -> None:
+    # A flat zero curve fits a = 0: every relative change is 0/0 = NaN, which numpy's `rel <= r` does not count,
+    # so ADELE's update epoch is 1 (the class is corrected at once), not the horizon.
+    zero = torch.zeros((), dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64)
+    assert int(early_learning_end_epoch(zero, one, one, horizon=50)) == 1
 
 
 def test_end_of_early_learning_needs_min_epochs() -> None:
@@ -205,6 +269,67 @@ def test_end_of_early_learning_needs_min_epochs() -> None:
     hist = torch.stack([fast, fast * 0.5], 1)
     assert end_of_early_learning(hist[:2], min_epochs=3).tolist() == [False, False]
     assert end_of_early_learning(hist, horizon=100).tolist() == [True, True]
+
+
+def _official_adele_consistency(
+    logits: list[torch.Tensor], threshold: float, weights: list[float] | None = None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ADELE's `calc_jsd_multiscale` consistency (lib/utils/JSD_loss.py), transcribed with naive ops.
+
+    ``weights`` plays `softmax(weight)` (uniform from ADELE's all-ones init); ``valid`` plays `labels < 255`.
+    """
+    probs = [torch.exp(z) / torch.exp(z).sum(dim=1, keepdim=True) for z in logits]
+    w = weights if weights is not None else [1.0 / len(logits)] * len(logits)
+    mixture = sum(wi * p for wi, p in zip(w, probs))
+    mixture = torch.clamp(mixture, 1e-3, 1 - 1e-3)  # type: ignore[call-overload]
+    keep = torch.ones_like(mixture[:, 0]) if valid is None else valid.to(mixture.dtype)
+    max_probs = torch.amax(mixture * keep.unsqueeze(1), dim=tuple(range(1, mixture.dim())), keepdim=True)
+    mask = (max_probs >= threshold).to(mixture.dtype)
+    # F.kl_div(log(mixture), p, reduction="none") = p * (log p - log mixture); summed over classes, then scales.
+    kl = [torch.sum(p * (torch.log(p) - torch.log(mixture)) * mask, dim=1) for p in probs]
+    return torch.mean(sum(kl))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["classification", "segmentation"])
+def test_adele_consistency_matches_the_official_formula_and_gradients(dense: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 4, 3, 5) if dense else (6, 4)
+    logits = [(3 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_() for _ in range(3)]
+    valid = None
+    if dense:
+        valid = torch.rand(6, 3, 5, generator=g) > 0.3
+        valid[0] = False  # a sample without any labelled pixel: its max is 0, so it is masked
+    for weights in (None, [0.2, 0.5, 0.3]):
+        mixture = sum(
+            w * torch.softmax(z.detach(), 1) for w, z in zip(weights or [1 / 3] * 3, logits)
+        )  # so that the threshold keeps some samples and masks others
+        conf = mixture.amax(dim=tuple(range(1, mixture.dim())))  # type: ignore[union-attr]
+        threshold = float(conf.sort().values[2:4].mean())  # between two samples' confidences
+        ours = adele_multiscale_consistency(logits, weights=weights, threshold=threshold, valid=valid)
+        ref = _official_adele_consistency(logits, threshold, weights, valid)
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+        got = torch.autograd.grad(ours, logits)
+        want = torch.autograd.grad(ref, logits)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        # The gradient flows through the mean prediction: with a stop-gradient mean it differs for unequal
+        # weights. (For equal weights the path through p̄ contributes nothing where the clip is inactive:
+        # d/dp̄ Σ_s Σ_c p_sc (-log p̄_c) = -S, constant over the classes, so it vanishes on the simplex.)
+        probs = [torch.softmax(z, 1) for z in logits]
+        sg_mean = torch.clamp(sum(w * p for w, p in zip(weights or [1 / 3] * 3, probs)).detach(), 1e-3, 1 - 1e-3)  # type: ignore[union-attr]
+        mask = (conf >= threshold).double().view(-1, *([1] * (len(shape) - 2)))
+        sg = sum(((p * (p.log() - sg_mean.log())).sum(1) * mask).mean() for p in probs)
+        same = torch.allclose(torch.autograd.grad(sg, logits)[0], got[0], atol=1e-9, rtol=0)  # type: ignore[arg-type]
+        assert same == (weights is None and bool(sg_mean.gt(1e-3).all() and sg_mean.lt(1 - 1e-3).all()))
+    # fp32 for lower-precision inputs, and the mask is all-or-nothing per sample at the extremes.
+    low = [z.detach().to(torch.bfloat16) for z in logits]
+    assert adele_multiscale_consistency(low).dtype == torch.float32
+    assert float(adele_multiscale_consistency(logits, threshold=1.0)) == 0.0  # the clamp keeps p̄ <= 0.999
+    with pytest.raises(ValueError, match="Expected argument `view_logits`"):
+        adele_multiscale_consistency([logits[0]])
+    with pytest.raises(ValueError, match="Expected argument `weights`"):
+        adele_multiscale_consistency(logits, weights=[1.0, 0.0])
 
 
 # -- NoisyLabelConsistency: the term by hand ---------------------------------------------------------------------
@@ -317,6 +442,52 @@ def test_multiscale_pulls_every_view_to_the_weighted_mean() -> None:
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_adele_form_is_the_official_term_over_the_views() -> None:
+    torch.manual_seed(0)
+    net = _attach(CountingNet(), _fake_trainer(global_step=100))
+    ms = MultiScale(scales=[1.0, 0.5, 0.75], keep_size=True)  # TinyNet needs 8x8 inputs
+    cons = NoisyLabelConsistency(form="adele", augmentation=ms, threshold=0.3, rampup="constant", weight=2.0)
+    assert cons.temperature is None and cons.form == "adele"
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,))
+    ctx = _ctx(net, x, y)
+    net.calls.clear()
+    loss = cons.loss_term(ctx)
+    assert len(net.calls) == 2  # the scale-1 view reuses the step's forward
+    views = ms.views(x)
+    z = [net(v) for v in views]
+    expected = 2.0 * _official_adele_consistency([t.double() for t in z], 0.3)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+    mixture = sum(torch.softmax(t.detach(), -1) for t in z) / 3
+    conf = mixture.clamp(1e-3, 1 - 1e-3).amax(-1)  # type: ignore[union-attr]
+    torch.testing.assert_close(ctx.logs["consistency/mask_rate"], (conf >= 0.3).float().mean())
+    torch.testing.assert_close(ctx.logs["consistency/teacher_confidence"], conf.mean())
+    # Gradients flow through every view, the step's own forward included (p̄ is not detached).
+    grads = torch.autograd.grad(loss, [ctx.logits], retain_graph=True)
+    assert grads[0].abs().sum() > 0
+    # A single-view augmentation compares the clean input with its view, each weighing 1/2 in p̄.
+    cons = NoisyLabelConsistency(form="adele", augmentation=Shift(0.5), threshold=0.0, rampup="constant")
+    ctx = _ctx(net, x, y)
+    loss = cons.loss_term(ctx)
+    expected = _official_adele_consistency([net(x).double(), net(x + 0.5).double()], 0.0)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_adele_form_rejects_options_it_does_not_use() -> None:
+    for kwargs, arg in [
+        ({"teacher": "ema"}, "teacher"),
+        ({"weak_augmentation": "flip"}, "weak_augmentation"),
+        ({"temperature": 0.5}, "temperature"),
+        ({"divergence": "mse"}, "divergence"),
+    ]:
+        with pytest.raises(ValueError, match=f"`NoisyLabelConsistency\\(form='adele'\\)` does not use `{arg}`"):
+            NoisyLabelConsistency(form="adele", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Expected argument `form` to be one of"):
+        NoisyLabelConsistency(form="jsd")  # type: ignore[arg-type]
+    # The target form keeps UDA's default temperature.
+    assert NoisyLabelConsistency().temperature is None
+    assert NoisyLabelConsistency(form="adele", temperature=1.0).temperature == 1.0
+
+
 def test_weak_view_and_input_stage_cost_one_no_grad_forward_each() -> None:
     torch.manual_seed(0)
     net = _attach(CountingNet(), _fake_trainer(global_step=100))
@@ -371,10 +542,19 @@ def test_training_logs_and_runs_the_views_under_autocast() -> None:
 
 # -- LabelCorrection ----------------------------------------------------------------------------------------------
 def _lc_step(
-    lc: LabelCorrection, logits: torch.Tensor, given: torch.Tensor, index: torch.Tensor, trainer: Any
+    lc: LabelCorrection, logits: torch.Tensor, given: torch.Tensor, index: torch.Tensor, trainer: Any | None
 ) -> StepContext:
+    """One label-stage call; a training step unless ``trainer`` is ``None`` (then a step outside training)."""
     module = SimpleNamespace(trainer=trainer)
-    ctx = StepContext(module=module, x=None, labels=given.clone(), given_labels=given, index=index, logits=logits)  # type: ignore[arg-type]
+    ctx = StepContext(
+        module=module,  # type: ignore[arg-type]
+        x=None,
+        labels=given.clone(),
+        given_labels=given,
+        index=index,
+        logits=logits,
+        training=trainer is not None,
+    )
     lc.refine_labels(ctx)
     return ctx
 
@@ -496,6 +676,70 @@ def test_label_correction_feeds_the_base_loss() -> None:
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.tensor([1, 0])))
 
 
+# -- outside training: validation and the sanity check ------------------------------------------------------------
+class ValidatingNet(TinyNet):
+    """Calls `regularized_loss` in `validation_step`, as a user who reports the regularized loss would."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.val_losses: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, index = batch
+        logits = self(x)
+        loss = self.regularized_loss(logits, y, index, x=x, log=False)
+        self.val_losses.append((loss.detach(), F.cross_entropy(logits.detach(), y)))
+
+
+def _fit_with_validation(callbacks: list[Any], validate: bool, max_epochs: int = 4) -> L.LightningModule:
+    L.seed_everything(0, verbose=False)
+    model = ValidatingNet()
+    kw = trainer_kwargs(max_epochs=max_epochs, num_sanity_val_steps=2 if validate else 0)
+    if not validate:
+        kw["limit_val_batches"] = 0
+    trainer = L.Trainer(callbacks=[*callbacks, StepSeed()], **kw)
+    # Validation indices 0..31 overlap the training indices: a write would corrupt training rows.
+    val = make_loader(32, seed=1, shuffle=False) if validate else None
+    trainer.fit(model, train_dataloaders=_noisy_loader(), val_dataloaders=val)
+    return model
+
+
+def test_label_correction_is_a_no_op_outside_training() -> None:
+    # No `num_samples`: the sanity check runs before the train dataloader exists and must not need it.
+    def make() -> LabelCorrection:
+        return LabelCorrection(threshold=0.3, min_epochs=2, horizon=2)
+
+    plain, validated = make(), make()
+    _fit_with_validation([plain], validate=False)
+    model = _fit_with_validation([validated], validate=True)
+    assert isinstance(model, ValidatingNet) and len(model.val_losses) == 2 + 4 * 2  # sanity + 4 epochs of 2 batches
+    assert plain.num_corrected > 0, "the run should correct labels, or the comparison is vacuous"
+    # Same counts, curves, detections and corrections as a run without validation.
+    assert_state_equal(plain.state_dict(), validated.state_dict(), "LabelCorrection")
+    # Validation labels were never relabelled: the validation loss is plain CE on the given labels.
+    for loss, ce in model.val_losses:
+        torch.testing.assert_close(loss, ce)
+    # A validation step on its own (outside any trainer's training) changes nothing either.
+    before = copy.deepcopy(validated.state_dict())
+    ctx = _lc_step(validated, torch.tensor([[0.0, 9.0, 0.0, 0.0]]), torch.tensor([0]), torch.tensor([5]), None)
+    assert ctx.labels.tolist() == [0]
+    assert_state_equal(before, validated.state_dict(), "LabelCorrection")
+
+
+def test_consistency_is_a_pure_function_outside_training() -> None:
+    def make() -> list[Any]:
+        return [NoisyLabelConsistency(augmentation=GaussianNoise(0.1), threshold=0.0, rampup="constant")]
+
+    plain, validated = make(), make()
+    model_plain = _fit_with_validation(plain, validate=False, max_epochs=2)
+    model = _fit_with_validation(validated, validate=True, max_epochs=2)
+    assert isinstance(model, ValidatingNet) and len(model.val_losses) == 2 + 2 * 2
+    assert_state_equal(model_plain.state_dict(), model.state_dict(), "model")
+    assert plain[0].state_dict() == validated[0].state_dict() == {"version": NoisyLabelConsistency.version}
+    # In validation the term is computed (the regularized loss exceeds CE), and it is finite.
+    assert all(math.isfinite(float(loss)) and float(loss) > float(ce) for loss, ce in model.val_losses)
+
+
 # -- DDP with the extra forward passes ---------------------------------------------------------------------------
 N_DDP = 40
 
@@ -514,7 +758,7 @@ def _ddp_worker(out_dir: str) -> None:
     sampler = DistributedSampler(ds, num_replicas=2, rank=int(os.environ.get("LOCAL_RANK", 0)), shuffle=False)
     loader = DataLoader(ds, batch_size=8, sampler=sampler)
     kw = trainer_kwargs(devices=2, strategy="ddp", use_distributed_sampler=False)
-    trainer = L.Trainer(callbacks=cbs, max_epochs=3, **kw)
+    trainer = L.Trainer(callbacks=cbs, max_epochs=4, **kw)  # detected after epoch 2 (0-based), corrected in 3
     trainer.fit(model, train_dataloaders=loader)
     state = {
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},

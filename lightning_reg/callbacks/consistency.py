@@ -26,6 +26,7 @@ from lightning_reg.core.schedules import ScheduleLike, get_schedule
 from lightning_reg.core.table import PerSampleTable
 from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
 from lightning_reg.functional.consistency import (
+    adele_multiscale_consistency,
     class_agreement_counts,
     class_iou,
     confidence_mask,
@@ -87,18 +88,30 @@ def _teacher_ready(teacher: TeacherProvider | None) -> bool:
 class NoisyLabelConsistency(LossRegularizer):
     r"""Consistency regularization against label noise: agree with a stop-gradient target on perturbed views.
 
+    Two forms of the term. ``form="target"`` (the default; UDA, Mean Teacher, MIC) pulls every view towards a
+    stop-gradient target:
+
     .. math:: \mathcal L_\text{cons} = w(t)\cdot\frac1B\sum_i m_i\,
               D\!\left(\mathrm{sg}(q_i)\,\|\,p(\tilde x_i)\right),\qquad
               m_i = \mathbb 1[\max_c q_{ic} \ge \text{threshold}]
 
-    The mean is over *all* samples, masked ones included. Papers: UDA
+    ``form="adele"`` is ADELE's official multi-scale term (``calc_jsd_multiscale``,
+    :func:`~lightning_reg.functional.consistency.adele_multiscale_consistency`): every view and their mean
+    :math:`\bar p = \mathrm{clip}(\sum_s w_s p_s, 10^{-3}, 1 - 10^{-3})` pull on each other, with gradients
+    through :math:`\bar p`, no sharpening and the KL summed over the views:
+
+    .. math:: \mathcal L_\text{cons} = w(t)\cdot\frac1B\sum_i m_i \sum_s
+              \mathrm{KL}\!\left(p(x_{s,i}) \,\|\, \bar p_i\right),\qquad
+              m_i = \mathbb 1[\max_c \bar p_{ic} \ge \text{threshold}]
+
+    In both, the mean is over *all* samples, masked ones included. Papers: UDA
     https://arxiv.org/abs/1904.12848 (``τ = 0.4``, threshold 0.8, KL), Mean
     Teacher https://arxiv.org/abs/1703.01780 (EMA teacher, sigmoid ramp-up,
     softmax MSE), MIC https://arxiv.org/abs/2212.01322 (patch masking, EMA
     teacher), ADELE https://arxiv.org/abs/2110.03740 (multi-scale views,
     threshold 0.8). Functional core: :mod:`lightning_reg.functional.consistency`.
 
-    **The target** :math:`q_i` (fp32, detached):
+    **The target** :math:`q_i` of ``form="target"`` (fp32, detached):
 
     * ``teacher="self"`` (UDA, Π-model): the student's own prediction on the
       clean input. When the pipeline forwarded the clean input (no input-stage
@@ -117,14 +130,25 @@ class NoisyLabelConsistency(LossRegularizer):
     Then :math:`m_i` is computed on :math:`q_i` (before sharpening, as UDA),
     and :math:`q_i` is sharpened with temperature ``τ`` (``τ = 1``: none).
 
+    **ADELE's form** (``form="adele"``) needs no target: the views are the
+    augmentation's views (:class:`~lightning_reg.augment.MultiScale`'s scales;
+    a single-view augmentation is compared with the clean input, each weighing
+    1/2 in :math:`\bar p`). It uses neither ``teacher="ema"``, a
+    ``weak_augmentation``, a ``temperature`` other than 1, nor
+    ``divergence="mse"``; giving one raises a ``ValueError``.
+
     **The student's views** :math:`\tilde x_i` come from ``augmentation``
     (a :mod:`lightning_reg.augment` class, or a short name) applied to the
     clean batch on its device, and are forwarded through the LightningModule
     inside the training step: under the same autocast as the main forward, and
     in the same DDP forward, so DDP's reducer sees one graph (no unused
-    parameters, one all-reduce). Multi-view augmentations give
+    parameters, one all-reduce). In ``form="target"`` multi-view augmentations give
     :math:`\sum_s w_s D(q \| p(x_s))`; the scale-1 view *is* the clean input,
     so its forward is the step's own (with gradients, as in ADELE).
+
+    Outside training steps (validation, test, the sanity check) the term is
+    computed the same way if the pipeline runs; the callback keeps no state, so
+    nothing changes.
 
     **The weight** :math:`w(t) = \text{weight}\cdot\text{rampup}(t, \text{rampup\_epochs})` with ``t`` the
     fractional epoch (``global_step`` / optimizer steps per epoch); the default
@@ -135,14 +159,17 @@ class NoisyLabelConsistency(LossRegularizer):
     weak view.
 
     Args:
-        teacher: ``"self"`` or ``"ema"`` (see above).
+        form: ``"target"`` (pull each view towards a stop-gradient target; UDA, Mean Teacher, MIC) or
+            ``"adele"`` (ADELE's official multi-scale term; use it with ``augmentation=MultiScale()``).
+        teacher: ``"self"`` or ``"ema"`` (see above; ``form="target"`` only).
         augmentation: The student's perturbation: a :class:`~lightning_reg.augment.Augmentation`
             (``class_path`` in YAML) or a short name: ``"patch_mask"`` (default; MIC),
             ``"gaussian_noise"``, ``"flip"``, ``"resized_crop"``, ``"multiscale"`` (ADELE).
-        weak_augmentation: The teacher's view (``None``: the clean input).
-        temperature: Sharpening ``τ`` in ``(0, inf)`` (UDA: 0.4; 1 = none).
-        threshold: Confidence threshold in ``[0, 1]`` for :math:`m_i` (0 keeps every sample).
-        divergence: ``"kl"`` (UDA) or ``"mse"`` (Mean Teacher's softmax MSE).
+        weak_augmentation: The teacher's view (``None``: the clean input; ``form="target"`` only).
+        temperature: Sharpening ``τ`` in ``(0, inf)`` (1 = none); ``None``: UDA's 0.4 for ``form="target"``,
+            none for ``form="adele"``.
+        threshold: Confidence threshold in ``[0, 1]`` for :math:`m_i` (0 keeps every sample; UDA, ADELE: 0.8).
+        divergence: ``"kl"`` (UDA) or ``"mse"`` (Mean Teacher's softmax MSE; ``form="target"`` only).
         weight: The final weight ``w`` (ADELE, MIC: 1).
         rampup: The ramp-up schedule: a :mod:`~lightning_reg.core.schedules` name or instance
             (``"sigmoid_rampup"``, ``"linear"``, ``"constant"``, ...).
@@ -154,7 +181,8 @@ class NoisyLabelConsistency(LossRegularizer):
     ``train/loss_consistency``           the term :math:`\mathcal L_\text{cons}` (weight included)
     ``consistency/weight``               :math:`w(t)`
     ``consistency/mask_rate``            the fraction of samples with :math:`m_i = 1`
-    ``consistency/teacher_confidence``   the batch mean of :math:`\max_c q_{ic}` (before sharpening)
+    ``consistency/teacher_confidence``   the batch mean of :math:`\max_c q_{ic}` (before sharpening), or of
+                                         :math:`\max_c \bar p_{ic}` in ``form="adele"``
     ==================================  ====================================================================
 
     Example:
@@ -162,6 +190,9 @@ class NoisyLabelConsistency(LossRegularizer):
         >>> from lightning_reg.augment import PatchMask
         >>> cons = NoisyLabelConsistency(augmentation=PatchMask(patch_size=4, mask_ratio=0.5), threshold=0.7)
         >>> trainer = L.Trainer(callbacks=[cons], max_epochs=30, logger=False)
+
+    ADELE's term: ``NoisyLabelConsistency(form="adele", augmentation=MultiScale(scales=[0.7, 1.0, 1.5]),
+    rampup="constant")`` (see ``configs/adele_sym40.yaml``).
 
     YAML::
 
@@ -187,26 +218,50 @@ class NoisyLabelConsistency(LossRegularizer):
         teacher: Literal["self", "ema"] = "self",
         augmentation: AugmentationLike = "patch_mask",
         weak_augmentation: AugmentationLike | None = None,
-        temperature: float = 0.4,
+        temperature: float | None = None,
         threshold: float = 0.8,
         divergence: Literal["kl", "mse"] = "kl",
         weight: float = 1.0,
         rampup: ScheduleLike = "sigmoid_rampup",
         rampup_epochs: float = 5.0,
+        form: Literal["target", "adele"] = "target",
     ) -> None:
         super().__init__()
+        self.form: Literal["target", "adele"] = check_choice("form", form, ["target", "adele"])
         self.teacher = check_choice("teacher", teacher, ["self", "ema"])
         self.augmentation: Augmentation = get_augmentation(augmentation, "augmentation")
         self.weak_augmentation: Augmentation | None = (
             None if weak_augmentation is None else get_augmentation(weak_augmentation, "weak_augmentation")
         )
-        self.temperature = check_float("temperature", temperature, 0.0, low_inclusive=False)
+        self.temperature = (
+            None if temperature is None else check_float("temperature", temperature, 0.0, low_inclusive=False)
+        )
         self.threshold = check_float("threshold", threshold, 0.0, 1.0)
         self.divergence: Literal["kl", "mse"] = check_choice("divergence", divergence, ["kl", "mse"])
         self.weight = check_float("weight", weight, 0.0)
         self.rampup = get_schedule(rampup, "rampup")
         self.rampup_epochs = check_float("rampup_epochs", rampup_epochs, 0.0)
+        if self.form == "adele":
+            unused = {
+                "teacher": (self.teacher != "self", "its views agree with their own mean prediction"),
+                "weak_augmentation": (self.weak_augmentation is not None, "no view is a target"),
+                "temperature": (self.temperature not in (None, 1.0), "ADELE does not sharpen"),
+                "divergence": (self.divergence != "kl", "ADELE's divergence is KL(p_s || p̄)"),
+            }
+            for arg, (given, why) in unused.items():
+                if given:
+                    raise ValueError(
+                        f"`NoisyLabelConsistency(form='adele')` does not use `{arg}` ({why}), but got"
+                        f" {arg}={getattr(self, arg)!r}. Remove it, or use `form='target'`."
+                    )
         self._teacher: TeacherProvider | None = None
+
+    @property
+    def sharpen_temperature(self) -> float:
+        """The temperature in use: ``temperature``, or its default (UDA's 0.4 for ``form="target"``, else 1)."""
+        if self.temperature is not None:
+            return self.temperature
+        return 0.4 if self.form == "target" else 1.0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -244,6 +299,19 @@ class NoisyLabelConsistency(LossRegularizer):
             return sum(w * torch.softmax(z.detach().float(), dim=-1) for w, z in zip(weights, student))  # type: ignore[return-value]
         return _student_clean_probs(ctx, type(self).__name__)
 
+    def _adele_term(self, ctx: StepContext, clean: Tensor, views: list[Tensor], weights: list[float]) -> Tensor:
+        assert ctx.logits is not None
+        if len(views) == 1:  # a single-view augmentation: compare the clean input with its view
+            views, weights = [clean, views[0]], [0.5, 0.5]
+        student = [ctx.logits if v is ctx.x else ctx.module(v) for v in views]
+        loss = adele_multiscale_consistency(student, weights, threshold=self.threshold)
+        with torch.no_grad():
+            mean = sum(wv * torch.softmax(z.detach().float(), dim=-1) for wv, z in zip(weights, student))
+            conf = mean.clamp(1e-3, 1.0 - 1e-3).amax(dim=-1)  # type: ignore[union-attr]
+        ctx.logs[f"{self.name}/mask_rate"] = (conf >= self.threshold).float().mean()
+        ctx.logs[f"{self.name}/teacher_confidence"] = conf.mean()
+        return loss
+
     def loss_term(self, ctx: StepContext) -> Tensor:
         assert ctx.logits is not None
         who = type(self).__name__
@@ -251,14 +319,16 @@ class NoisyLabelConsistency(LossRegularizer):
         clean = _clean_input(ctx, who)
         views = self.augmentation.views(clean)
         weights = self.augmentation.view_weights()
+        ctx.logs[f"{self.name}/weight"] = w
+        if self.form == "adele":
+            return w * self._adele_term(ctx, clean, views, weights)
         student = [ctx.logits if v is ctx.x else ctx.module(v) for v in views]
         q = self._target(ctx, clean, student, weights)
         mask = confidence_mask(q, self.threshold)
-        target = sharpen(q, self.temperature)
+        target = sharpen(q, self.sharpen_temperature)
         loss = torch.stack(
             [wv * consistency_loss(z, target, mask, self.divergence) for wv, z in zip(weights, student)]
         ).sum()
-        ctx.logs[f"{self.name}/weight"] = w
         ctx.logs[f"{self.name}/mask_rate"] = mask.mean()
         ctx.logs[f"{self.name}/teacher_confidence"] = q.amax(dim=-1).mean()
         return w * loss
@@ -284,12 +354,13 @@ class LabelCorrection(LossRegularizer):
        IoU :math:`\frac{TP}{|\hat y = c| + |y = c| - TP}` over the epoch is
        appended to the class's agreement curve.
     2. **End of early learning.** It fits :math:`a(1 - e^{-x^b/c})` to each
-       curve (epoch ``t`` at ``x = t``; ADELE's bounds and weights, see
+       curve on ADELE's axis (the ``T`` points at ``linspace(0, T, T)``; ADELE's
+       bounds and weights, see
        :func:`~lightning_reg.functional.consistency.fit_early_learning_curve`)
        and marks a class once the fitted slope has dropped by a relative
        ``relative_change`` (ADELE: ``r = 0.9``) from its value at epoch 1, i.e.
-       once ``epochs seen >= 1 + #{e : δ(e) <= r}`` (ADELE's rule). Marks are
-       kept: correction never stops once it starts. ADELE's trimming of a flat
+       at the end of the (0-based) epoch ``T − 1 >= 1 + #{e < horizon : δ(e) <= r}``
+       (ADELE's ``if_update``). Marks are kept: correction never stops once it starts. ADELE's trimming of a flat
        start of the curve (a segmentation-IoU heuristic) is not applied.
     3. **Correction.** From the next epoch on, a sample whose given label ``y``
        and confident prediction :math:`\hat y \ne y` (confidence
@@ -307,6 +378,11 @@ class LabelCorrection(LossRegularizer):
     (shared with :class:`NoisyLabelConsistency` ``(teacher="ema")``: one teacher
     forward per step). ``start_epoch`` starts correction for every class at a
     fixed epoch instead, skipping the detector (for ablations).
+
+    Only training steps (``trainer.training``, not the sanity check) count,
+    fit or correct. Called from ``validation_step`` or ``test_step`` (through
+    ``regularized_loss``) it does nothing: those batches' indices are not
+    training indices, so their labels are left as given.
 
     Under DDP the agreement counts are summed over ranks every step (one
     ``3 × C`` all-reduce), so each rank, and each checkpoint, holds the global
@@ -462,6 +538,8 @@ class LabelCorrection(LossRegularizer):
         return mask
 
     def refine_labels(self, ctx: StepContext) -> None:
+        if not ctx.training:
+            return  # validation, test, sanity check: no counts, no table, no relabelling by (non-training) index
         assert ctx.logits is not None
         trainer = ctx.module.trainer
         index = ctx.require_index(type(self).__name__)

@@ -12,12 +12,18 @@ clean or weakly augmented view:
 The mean runs over *all* ``B`` samples, masked ones included (UDA), so the
 threshold lowers the term's scale as well as selecting samples.
 
+ADELE's official multi-scale term (``calc_jsd_multiscale``) differs: it pulls
+every scale's prediction and the mean prediction :math:`\bar p` towards each
+other, with gradients through both and no sharpening (see
+:func:`adele_multiscale_consistency`).
+
 Label correction (ADELE) watches, per class, the agreement between the model's
 predictions and the given labels over epochs, fits
 :math:`f(x) = a\,(1 - e^{-x^b / c})` to it, and starts correcting a class once
 the fitted slope has dropped by a relative ``r = 0.9`` from its value at the
 first epoch: early learning has ended and memorization of the noisy labels is
-about to start.
+about to start. The curve is fitted on ADELE's axis: the ``T`` points sit at
+``linspace(0, T·Δ, T)`` epochs, ``Δ`` epochs apart (:func:`early_learning_axis`).
 
 Papers: UDA https://arxiv.org/abs/1904.12848, Mean Teacher
 https://arxiv.org/abs/1703.01780, MIC https://arxiv.org/abs/2212.01322, ADELE
@@ -26,6 +32,7 @@ https://arxiv.org/abs/2110.03740.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -33,11 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "adele_multiscale_consistency",
     "class_agreement_counts",
     "class_iou",
     "confidence_mask",
     "consistency_divergence",
     "consistency_loss",
+    "early_learning_axis",
     "early_learning_curve",
     "early_learning_curve_slope",
     "early_learning_end_epoch",
@@ -144,6 +153,93 @@ def consistency_loss(
     return d.mean()
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """fp64 stays fp64; every other float dtype is computed in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def adele_multiscale_consistency(
+    view_logits: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    threshold: float = 0.8,
+    valid: Tensor | None = None,
+    eps: float = 1e-3,
+) -> Tensor:
+    r"""ADELE's multi-scale consistency term, as the official ``calc_jsd_multiscale`` computes it.
+
+    With :math:`p_s = \mathrm{softmax}(z_s)` the prediction on view (scale) :math:`s`:
+
+    .. math:: \bar p = \mathrm{clip}\!\Big(\sum_s w_s\, p_s,\ \epsilon,\ 1 - \epsilon\Big),\qquad
+              m_b = \mathbb 1\!\Big[\max_{c,\,j \in V_b} \bar p_{b c j} \ge \text{threshold}\Big],
+
+    .. math:: \mathcal L = \frac1{N}\sum_{b,j} m_b \sum_s \mathrm{KL}\!\left(p_{s,bj} \,\|\, \bar p_{bj}\right)
+              = \frac1{N}\sum_{b,j} m_b \sum_s \sum_c p_{s,bcj}\,(\log p_{s,bcj} - \log \bar p_{bcj})
+
+    where :math:`j` runs over a sample's elements (one for classification,
+    the pixels for segmentation), :math:`V_b` are sample ``b``'s valid
+    elements and :math:`N` is the number of *all* elements. Unlike the
+    UDA-style :func:`consistency_loss`:
+
+    * the KL runs from each view to the mean, :math:`\mathrm{KL}(p_s \| \bar p)`, and is **summed** over the
+      views (not averaged, not weighted: the weights only enter :math:`\bar p`);
+    * the gradient flows through :math:`\bar p` as well as through every :math:`p_s`; nothing is sharpened;
+    * the mask is one flag per *sample*: the largest clipped mean probability over its classes and valid
+      elements (for classification: :math:`\max_c \bar p_{bc}`); the mean runs over all ``N`` elements,
+      masked and invalid ones included (ADELE's default ``Mask_label255_sign='no'``).
+
+    ADELE's weights are ``softmax(weight)`` of a parameter initialised to ones (uniform); ``ε = 10^{-3}``.
+    Computed in fp32 (fp64 stays fp64). Paper: https://arxiv.org/abs/2110.03740; code:
+    https://github.com/Kangningthu/ADELE (``lib/utils/JSD_loss.py``).
+
+    Args:
+        view_logits: At least two logits tensors of one shape, ``(B, C)`` or ``(B, C, *d)`` (resize dense
+            predictions to a common size first, as ADELE does).
+        weights: Non-negative weights ``w_s`` of the views in :math:`\bar p`, normalised; ``None`` is uniform.
+        threshold: The confidence threshold in ``[0, 1]`` for :math:`m_b` (ADELE: 0.8).
+        valid: Optional boolean ``(B, *d)`` mask of labelled elements (ADELE's ``label < 255``): only these
+            enter the per-sample maximum.
+        eps: The clip :math:`\epsilon` of :math:`\bar p` in ``[0, 0.5)``.
+
+    Returns:
+        The scalar term (weight it outside).
+
+    Example:
+        >>> z1 = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]]))
+        >>> z2 = torch.log(torch.tensor([[0.7, 0.3], [0.4, 0.6]]))
+        >>> # p̄ = (0.8, 0.2) is kept, (0.5, 0.5) is masked; the mean runs over both samples:
+        >>> # (0.9 log(0.9/0.8) + 0.1 log(0.1/0.2) + 0.7 log(0.7/0.8) + 0.3 log(0.3/0.2)) / 2
+        >>> adele_multiscale_consistency([z1, z2], threshold=0.75)
+        tensor(0.0324)
+    """
+    if len(view_logits) < 2:
+        raise ValueError(
+            f"Expected argument `view_logits` to hold at least 2 views (one per scale), but got {len(view_logits)}."
+        )
+    if weights is None:
+        w = [1.0 / len(view_logits)] * len(view_logits)
+    else:
+        w = [float(v) for v in weights]
+        if len(w) != len(view_logits) or any(not v >= 0 for v in w) or sum(w) <= 0:
+            raise ValueError(
+                f"Expected argument `weights` to hold {len(view_logits)} non-negative floats with a positive sum,"
+                f" but got {list(weights)}."
+            )
+        w = [v / sum(w) for v in w]
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"Expected argument `eps` to be a float in [0, 0.5), but got {eps}.")
+    dtype = _compute_dtype(view_logits[0])
+    logp = [F.log_softmax(z.to(dtype), dim=1) for z in view_logits]
+    probs = [lp.exp() for lp in logp]
+    mixture = torch.stack([wi * p for wi, p in zip(w, probs)]).sum(dim=0).clamp(eps, 1.0 - eps)
+    with torch.no_grad():
+        conf = mixture if valid is None else mixture * valid.unsqueeze(1).to(dtype)
+        mask = (conf.flatten(1).amax(dim=1) >= threshold).to(dtype)  # (B,): one flag per sample
+    log_mixture = mixture.log()
+    # Σ_s KL(p_s ‖ p̄) per element; p_s·log p_s from log_softmax stays finite (0 where p_s underflows).
+    kl = torch.stack([(p * (lp - log_mixture)).sum(dim=1) for p, lp in zip(probs, logp)]).sum(dim=0)
+    return (kl * mask.view(-1, *([1] * (kl.dim() - 1)))).mean()
+
+
 # -- label correction (ADELE) -------------------------------------------------------------------------------------
 
 
@@ -212,6 +308,26 @@ def _solve3(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(ok, x, torch.zeros_like(x))
 
 
+def early_learning_axis(num_points: int, interval: float = 1.0) -> Tensor:
+    r"""ADELE's abscissae of ``T`` agreement points taken ``Δ`` epochs apart: ``linspace(0, T·Δ, T)`` (fp64).
+
+    The official code fits the curve at ``np.linspace(0, len(iou) * eval_interval / num_iter_per_epoch,
+    len(iou))``: the first point at ``x = 0`` and the last at ``T·Δ`` (so the spacing is ``T·Δ / (T − 1)``, a
+    little more than ``Δ``). With one point per epoch (``Δ = 1``, ADELE's SegThor code) that is
+    ``linspace(0, T, T)``; ADELE's VOC code takes a point every 100 iterations of 1058 per epoch
+    (``Δ = 100 / 1058.1``).
+
+    Args:
+        num_points: ``T``, the number of points on the curve.
+        interval: ``Δ``, the epochs between two points (``eval_interval / num_iter_per_epoch``).
+
+    Example:
+        >>> early_learning_axis(5)
+        tensor([0.0000, 1.2500, 2.5000, 3.7500, 5.0000], dtype=torch.float64)
+    """
+    return torch.linspace(0.0, num_points * interval, num_points, dtype=torch.float64)
+
+
 def fit_early_learning_curve(y: Tensor, x: Tensor | None = None, max_iter: int = 200) -> tuple[Tensor, Tensor, Tensor]:
     r"""Fit :math:`f(x) = a(1 - e^{-x^b/c})` to one or several agreement curves, as ADELE does.
 
@@ -228,14 +344,15 @@ def fit_early_learning_curve(y: Tensor, x: Tensor | None = None, max_iter: int =
 
     Args:
         y: ``(T,)`` or ``(T, C)`` agreement values in ``[0, 1]``, one row per epoch.
-        x: ``(T,)`` abscissae; default ``1, 2, …, T`` (the agreement after each epoch).
+        x: ``(T,)`` abscissae ``>= 0``; default ADELE's axis for one point per epoch,
+            :func:`early_learning_axis` ``(T)`` = ``linspace(0, T, T)``.
         max_iter: Levenberg–Marquardt iterations (it stops earlier once no curve improves).
 
     Returns:
         ``(a, b, c)``, each ``(C,)`` (or scalars for a 1-D ``y``), fp64.
 
     Example:
-        >>> x = torch.arange(1, 9, dtype=torch.float64)
+        >>> x = early_learning_axis(8)
         >>> a, b, c = fit_early_learning_curve(early_learning_curve(x, 0.8, 0.6, 1.5))
         >>> [round(float(v), 3) for v in (a, b, c)]
         [0.8, 0.6, 1.5]
@@ -243,16 +360,19 @@ def fit_early_learning_curve(y: Tensor, x: Tensor | None = None, max_iter: int =
     squeeze = y.dim() == 1
     yy = (y.unsqueeze(1) if squeeze else y).detach().to("cpu", torch.float64)
     t, n = yy.shape
-    xx = torch.arange(1, t + 1, dtype=torch.float64) if x is None else x.detach().to("cpu", torch.float64)
-    xx = xx.clamp_min(1e-12).unsqueeze(1)  # (T, 1); x > 0 keeps log(x) finite
+    xx = early_learning_axis(t) if x is None else x.detach().to("cpu", torch.float64)
+    xx = xx.unsqueeze(1)  # (T, 1)
+    if xx.shape[0] != t or bool((xx < 0).any()):
+        raise ValueError(f"Expected argument `x` to hold {t} abscissae >= 0, but got {x}.")
+    positive = xx > 0  # ADELE's axis starts at x = 0, where x^b = 0 (b > 0) or 1 (b = 0), as numpy computes it
+    log_x = torch.where(positive, torch.log(xx.clamp_min(1e-300)), torch.zeros_like(xx))
     w = torch.logspace(0, -1, t, dtype=torch.float64).pow(-2)  # 1 / σ², (T,)
-    log_x = torch.log(xx)
     lo = torch.tensor([0.0, 0.0, -30.0], dtype=torch.float64).unsqueeze(1)
     hi = torch.tensor([1.0, 1.0, 30.0], dtype=torch.float64).unsqueeze(1)
 
     def residual_and_jacobian(p: Tensor) -> tuple[Tensor, Tensor]:
         a, b, c = p[0], p[1], torch.exp(p[2])
-        xb = torch.exp(log_x * b)
+        xb = torch.where(positive, torch.exp(log_x * b), (b == 0).to(torch.float64))
         e = torch.exp(-xb / c)
         r = a * (1.0 - e) - yy
         j = torch.stack([1.0 - e, a * e * xb * log_x / c, -a * e * xb / c], dim=-1)  # d f / d(a, b, log c)
@@ -310,9 +430,11 @@ def early_learning_end_epoch(a: Tensor, b: Tensor, c: Tensor, r: float = 0.9, ho
     .. math:: \delta(e) = \frac{|f'(e) - f'(1)|}{f'(1)},\qquad
               e^\star = 1 + \#\{e \in \{1, \dots, \text{horizon} - 1\} : \delta(e) \le r\}
 
-    (values :math:`\delta > 1` count as 0, as in ADELE's code). For the
-    decreasing slopes the bounds allow, :math:`e^\star` is the first epoch at
-    which the slope has fallen below :math:`(1 - r)` of its value at epoch 1.
+    (values :math:`\delta > 1` count as 0 and undefined ones, :math:`0/0`, are not
+    counted, as in ADELE's numpy code: a flat curve with :math:`a = 0` gives
+    :math:`e^\star = 1`). For the decreasing slopes the bounds allow,
+    :math:`e^\star` is the first epoch at which the slope has fallen below
+    :math:`(1 - r)` of its value at epoch 1.
 
     Args:
         a, b, c: Fitted parameters, ``(C,)`` or scalars.
@@ -331,30 +453,40 @@ def early_learning_end_epoch(a: Tensor, b: Tensor, c: Tensor, r: float = 0.9, ho
     a, b, c = (v.to(torch.float64) for v in (a, b, c))
     ref = early_learning_curve_slope(torch.ones((), dtype=torch.float64), a, b, c)
     rel = (early_learning_curve_slope(e, a, b, c).abs() - ref.abs()).abs() / ref.abs()
-    rel = torch.where(rel > 1, torch.zeros_like(rel), rel)
-    rel = torch.nan_to_num(rel, nan=0.0)
+    rel = torch.where(rel > 1, torch.zeros_like(rel), rel)  # NaN > 1 is False and NaN <= r is False, as in numpy
     return (rel <= r).sum(dim=0) + 1
 
 
-def end_of_early_learning(history: Tensor, r: float = 0.9, horizon: int = 1000, min_epochs: int = 3) -> Tensor:
-    """Whether early learning has ended for each class, given its agreement after each epoch so far.
+def end_of_early_learning(
+    history: Tensor,
+    r: float = 0.9,
+    horizon: int = 1000,
+    min_epochs: int = 3,
+    interval: float = 1.0,
+    current_epoch: int | None = None,
+) -> Tensor:
+    r"""Whether early learning has ended for each class, given its agreement curve so far: ADELE's ``if_update``.
 
-    Fits :func:`fit_early_learning_curve` to each column of ``history`` (epoch
-    ``t`` at ``x = t``) and reports ``T >= early_learning_end_epoch(...)``,
-    where ``T`` is the number of epochs seen; never before ``min_epochs``
-    points exist (three parameters need three points).
+    Fits :func:`fit_early_learning_curve` to each column of ``history`` on
+    ADELE's axis :func:`early_learning_axis` ``(T, interval)`` and reports
+    ``current_epoch >= early_learning_end_epoch(...)``, where
+    ``current_epoch`` is the 0-based epoch that just ended (ADELE's
+    ``if_update(iou, epoch)``); never before ``min_epochs`` points exist
+    (three parameters need three points).
 
     Args:
-        history: ``(T, C)`` per-class agreement (e.g. :func:`class_iou`) after epochs ``1..T``.
+        history: ``(T, C)`` per-class agreement (e.g. :func:`class_iou`), one row per point.
         r: The relative slope-change threshold (ADELE: 0.9).
         horizon: The last epoch considered (ADELE's ``n_epoch``), e.g. the run's ``max_epochs``.
         min_epochs: Points needed before deciding.
+        interval: Epochs between two points (1: one point per epoch, as ADELE's SegThor code).
+        current_epoch: The 0-based epoch that just ended; ``None``: ``T − 1``, right for one point per epoch.
 
     Returns:
         ``(C,)`` bool.
 
     Example:
-        >>> x = torch.arange(1, 8, dtype=torch.float64)
+        >>> x = early_learning_axis(7)
         >>> fast, slow = early_learning_curve(x, 0.9, 1.0, 1.0), early_learning_curve(x, 0.9, 1.0, 20.0)
         >>> end_of_early_learning(torch.stack([fast, slow], 1), horizon=100).tolist()
         [True, False]
@@ -362,5 +494,6 @@ def end_of_early_learning(history: Tensor, r: float = 0.9, horizon: int = 1000, 
     t = history.shape[0]
     if t < min_epochs:
         return torch.zeros(history.shape[1], dtype=torch.bool)
-    a, b, c = fit_early_learning_curve(history)
-    return t >= early_learning_end_epoch(a, b, c, r=r, horizon=horizon)
+    a, b, c = fit_early_learning_curve(history, early_learning_axis(t, interval))
+    epoch = t - 1 if current_epoch is None else current_epoch
+    return epoch >= early_learning_end_epoch(a, b, c, r=r, horizon=horizon)

@@ -7,6 +7,7 @@ import torch
 from lightning_reg.augment import PatchMask
 from lightning_reg.callbacks.consistency import LabelCorrection, NoisyLabelConsistency
 from lightning_reg.functional.consistency import (
+    adele_multiscale_consistency,
     class_agreement_counts,
     class_iou,
     confidence_mask,
@@ -39,6 +40,16 @@ def _consistency_math(dtype: torch.dtype) -> None:
     assert zz.grad is not None
     expected = m.unsqueeze(1) * (p - q) / 2
     torch.testing.assert_close(zz.grad.float(), expected.to(dtype).float(), atol=tol, rtol=0)
+    # ADELE's form: views (0.9, 0.1) and (0.7, 0.3) average to p̄ = (0.8, 0.2), kept at threshold 0.75;
+    # views (0.6, 0.4) and (0.4, 0.6) average to (0.5, 0.5), masked. Σ_s KL(p_s || p̄), mean over both samples.
+    z1 = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]])).to(dtype)
+    z2 = torch.log(torch.tensor([[0.7, 0.3], [0.4, 0.6]])).to(dtype)
+    p1, p2 = torch.softmax(z1.float(), -1)[0], torch.softmax(z2.float(), -1)[0]
+    mean = (p1 + p2) / 2
+    kl = (p1 * (p1 / mean).log()).sum() + (p2 * (p2 / mean).log()).sum()
+    got = adele_multiscale_consistency([z1, z2], threshold=0.75)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, kl / 2, atol=1e-6, rtol=0)
 
 
 def _label_correction_math(dtype: torch.dtype) -> None:
@@ -63,6 +74,7 @@ register(
         ),
         class_path="lightning_reg.callbacks.consistency.NoisyLabelConsistency",
         full_init_args={
+            "form": "target",
             "teacher": "self",
             "augmentation": {
                 "class_path": "lightning_reg.augment.Compose",
@@ -82,6 +94,9 @@ register(
             "rampup_epochs": 3,
         },
         bad_args=[
+            ({"form": "jsd"}, ValueError, "Expected argument `form` to be one of"),
+            ({"form": "adele", "teacher": "ema"}, ValueError, "`NoisyLabelConsistency(form='adele')` does not use"),
+            ({"form": "adele", "temperature": 0.4}, ValueError, "does not use `temperature`"),
             ({"teacher": "swa"}, ValueError, "Expected argument `teacher` to be one of"),
             ({"augmentation": "rotate"}, ValueError, "Expected argument `augmentation` to be one of"),
             ({"augmentation": 3}, TypeError, "Expected argument `augmentation` to be a str or an `Augmentation`"),
