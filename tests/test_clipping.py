@@ -306,6 +306,103 @@ def test_nonfinite_skip_zeroes_the_step_and_counts_it() -> None:
     assert float(trainer.callback_metrics["grad/nonfinite_steps"]) == 1.0
 
 
+def _opt_state(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """Every tensor of the optimizer's state (momentum buffers, Adam's moments and step counters), flattened."""
+    out: dict[str, Tensor] = {}
+    for pid, st in optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{pid}.{k}"] = (v if isinstance(v, Tensor) else torch.tensor(v)).detach().clone()
+    return out
+
+
+class OptimizerSnapshots(Snapshots):
+    """The flat weights and the optimizer state after every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[dict[str, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        self.states.append(_opt_state(trainer.optimizers[0]))
+
+
+def _optimizers() -> list[Any]:
+    cases: list[Any] = [
+        ("sgd-momentum", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+        ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-2)),
+        ("adamw-foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True)),
+        ("sgd-momentum-foreach", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True)),
+    ]
+    try:  # fused AdamW runs on CPU in recent torch
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True).step()
+        cases.append(("adamw-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)))
+    except (RuntimeError, ValueError):  # pragma: no cover - older torch
+        pass
+    return [pytest.param(make, id=name) for name, make in cases]
+
+
+@pytest.mark.parametrize("make_optimizer", _optimizers())
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_nonfinite_skip_leaves_weights_and_optimizer_state_bitwise_unchanged(make_optimizer: Any, manual: bool) -> None:
+    class Net(ManualSGD if manual else PlainSGD):  # type: ignore[misc, valid-type]
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.parameters())
+
+    snaps, cb = OptimizerSnapshots(), GradientClipping(max_norm=1.0, nonfinite="skip")
+    trainer, _ = fit([InjectGrad({1}, math.nan), cb, snaps], _model(Net), max_steps=4)
+    w, st = snaps.weights, snaps.states  # w[k + 1], st[k]: after batch k
+    assert torch.equal(w[2], w[1])  # the NaN step (batch 1) moved no weight ...
+    assert set(st[1]) == set(st[0]) and st[0]
+    for key in st[0]:  # ... and no optimizer state: momentum buffers, moments, step counters
+        assert torch.equal(st[1][key], st[0][key]), key
+    for k in (2, 3):  # training goes on normally afterwards
+        assert not torch.equal(w[k + 1], w[k]) and torch.isfinite(w[k + 1]).all()
+        assert any(not torch.equal(st[k][key], st[k - 1][key]) for key in st[k])
+    state = cb.state_dict()
+    assert int(state["num_nonfinite"]) == 1 and int(state["num_steps"]) == 3
+    assert trainer.global_step == 4
+    assert "step" not in trainer.optimizers[0].__dict__  # the wrapper is removed at the end of fit
+
+
+def test_nonfinite_skip_is_a_skipped_step_for_the_ema_teacher() -> None:
+    from lightning_reg.callbacks.ema import EMATeacher
+
+    ema = EMATeacher(decay=0.9)
+    fit([InjectGrad({1}, math.nan), GradientClipping(nonfinite="skip"), ema], _model(PlainSGD), max_steps=4)
+    assert (ema.num_updates, ema.skipped_steps) == (3, 1)
+    assert all(torch.isfinite(v).all() for v in ema.state_dict()["ema"].values())
+
+
+class Scheduled(TinyNet):
+    """AdamW with a per-step LR scheduler, which wraps `optimizer.step` before the callback does."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_nonfinite_skip_without_a_nonfinite_step_changes_nothing() -> None:
+    """The wrapped step is transparent: with finite gradients the run equals one without it, and it is removed."""
+    import warnings
+
+    ref = OptimizerSnapshots()
+    fit([GradientClipping(max_norm=1e9, nonfinite="ignore"), ref], _model(Scheduled), max_steps=3)
+    got = OptimizerSnapshots()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit([GradientClipping(max_norm=1e9, nonfinite="skip"), got], _model(Scheduled), max_steps=3)
+    assert not [w for w in caught if "lr_scheduler" in str(w.message) or "overridden" in str(w.message)]
+    for a, b in zip(ref.weights, got.weights):
+        assert torch.equal(a, b)
+    for a, b in zip(ref.states, got.states):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    opt = trainer.optimizers[0]
+    assert getattr(opt.step, "_wrapped_by_lr_sched", False)  # the scheduler's own wrapper is back
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)
+
+
 def test_nonfinite_raise_names_the_parameter() -> None:
     with pytest.raises(FloatingPointError, match=r"non-finite.*`net\.1\.weight`"):
         fit([InjectGrad({1}, math.inf), GradientClipping(nonfinite="raise")], _model(PlainSGD), max_steps=3)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Callable, Hashable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -41,6 +43,14 @@ DEFAULT_AGC_EXCLUDE = ["fc", "head", "classifier", "*.fc", "*.head", "*.classifi
 #: Wrapper prefixes stripped from parameter names before matching (FSDP, activation checkpointing, torch.compile).
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _STATE_VERSION = 1
+
+
+class _SkipStep(Exception):
+    """Raised from inside the optimizer's closure to abort a step whose gradients are non-finite."""
+
+    def __init__(self, loss: Any) -> None:
+        super().__init__("non-finite gradients: optimizer step skipped")
+        self.loss = loss
 
 
 def _clean_name(name: str) -> str:
@@ -204,12 +214,15 @@ class GradientClipping(RegularizerCallback):
             (``fc``, ``head``, ``classifier``). Pass your classifier's name if it differs.
         percentile: ``auto``'s percentile ``q`` in ``(0, 100]`` (AutoClip's default 10).
         history_size: How many past pre-clip norms ``auto`` keeps.
-        nonfinite: What to do when the gradient norm is NaN/inf: ``"skip"`` zeroes the gradients so the
-            step does not move the weights (SGD/Adam still advance their step counters), ``"raise"``
-            raises ``FloatingPointError`` naming the offending parameters, ``"ignore"`` clips anyway (the
+        nonfinite: What to do when the gradient norm is NaN/inf: ``"skip"`` skips the optimizer step, so
+            the weights *and* the optimizer state (momentum buffers, Adam's moments and step counters,
+            fused and foreach optimizers alike) stay bitwise unchanged and an :class:`~lightning_reg.EMATeacher`
+            counts the step as skipped, as it does for a ``GradScaler`` skip; ``"raise"`` raises
+            ``FloatingPointError`` naming the offending parameters; ``"ignore"`` clips anyway (the
             non-finite norm spreads to every gradient, like ``torch.nn.utils.clip_grad_norm_``). Under a
             ``GradScaler`` (``16-mixed``) non-finite steps are the scaler's: it skips them and lowers
-            its scale, so nothing is zeroed, raised or counted here.
+            its scale, so nothing is skipped, raised or counted here. Lightning still advances
+            ``global_step`` and steps the LR schedulers on a skipped step, as it does for a scaler skip.
         log_module_norms_every_n_steps: Also log the pre-clip norm of every module's gradients
             (``grad/norm_pre/<module>``) every that many steps (``None``: never).
 
@@ -225,10 +238,22 @@ class GradientClipping(RegularizerCallback):
     ``grad/norm_pre/<module>``   per-module pre-clip norms (with ``log_module_norms_every_n_steps``)
     ===========================  ===============================================================
 
-    Host syncs: none on accelerators, except that ``nonfinite="raise"`` reads one flag per step and the
-    logged values are read by Lightning when it logs. On CPU a host read is free, so ``"skip"`` checks
-    the flag and zeroes the gradients only on a bad step; on accelerators it zeroes with a masked fill
-    that costs one extra read/write of the gradients per step (set ``"ignore"`` to save it).
+    How ``"skip"`` skips: at ``fit`` start the callback wraps each optimizer's ``step`` (restored at the
+    end of ``fit``). ``on_before_optimizer_step`` runs inside ``optimizer.step(closure)``, after the
+    closure's backward pass; on a non-finite step it leaves the gradients alone and the wrapped step
+    returns the closure's loss without updating anything (with a ``GradScaler`` or a caller that runs the
+    hook before ``step()``, the wrapped step returns at once). An optimizer that evaluates its closure
+    several times (LBFGS) is stopped at the first non-finite evaluation.
+
+    Host syncs: ``nonfinite="skip"`` and ``"raise"`` read one flag on the host per optimizer step,
+    because skipping a step is a host decision. On CPU that read is free. On accelerators it is one
+    synchronisation per step: the host waits for the backward pass to finish before it queues the
+    optimizer step, which costs the time the host then needs to queue the next kernels (tens to a few
+    hundred microseconds; most for small, launch-bound models). ``"ignore"`` never syncs, and neither
+    does a ``GradScaler`` run (the scaler decides). The logged values are read by Lightning when it logs.
+    :meth:`clip_` alone (e.g. with Fabric) does not sync: with ``"skip"`` it zeroes non-finite gradients
+    with a masked fill and returns ``finite``; skip your ``optimizer.step()`` when it is ``False``, since
+    zero gradients still move momentum and Adam's moments.
 
     Example:
         >>> import lightning as L
@@ -281,6 +306,9 @@ class GradientClipping(RegularizerCallback):
         self._strategy: Any = None
         self._sharded = False
         self._checked_optimizers: set[int] = set()
+        # nonfinite="skip": optimizers whose `step` is wrapped (id -> (optimizer, instance attribute it replaced))
+        self._wrapped: dict[int, tuple[Optimizer, Any]] = {}
+        self._skip: set[int] = set()  # optimizers whose current step is to be skipped
         self._reset_state()
 
     # -- validation -------------------------------------------------------------------------------
@@ -413,6 +441,79 @@ class GradientClipping(RegularizerCallback):
     def _all_reduce(self, tensor: Tensor, op: str) -> Tensor:
         return self._strategy.reduce(tensor, reduce_op=op)
 
+    # -- skipping a step: a wrapped `optimizer.step` ----------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.nonfinite == "skip":
+            for optimizer in trainer.optimizers:
+                self._wrap_step(optimizer)
+
+    def _wrap_step(self, optimizer: Optimizer) -> None:
+        if id(optimizer) in self._wrapped:
+            return
+        replaced = optimizer.__dict__.get("step")  # e.g. an LR scheduler's wrapper, or None (the class's)
+        inner = optimizer.step
+        callback = self
+
+        def step(opt: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if id(opt) not in callback._wrapped:  # unwrapped meanwhile but kept by a later wrapper: pass through
+                return inner(*args, **kwargs)
+            if callback._take_skip(opt):  # the hook already ran (GradScaler, or the caller clipped first)
+                return None
+            closure = args[0] if args else kwargs.get("closure")
+            if closure is None:
+                return inner(*args, **kwargs)
+
+            def guarded() -> Any:
+                loss = closure()  # forward, backward and `on_before_optimizer_step`, which decides
+                if callback._take_skip(opt):
+                    raise _SkipStep(loss)  # before the optimizer has touched a weight or its state
+                return loss
+
+            rest = {k: v for k, v in kwargs.items() if k != "closure"}
+            try:
+                return inner(guarded, *args[1:], **rest)
+            except _SkipStep as skipped:
+                return skipped.loss
+
+        functools.update_wrapper(step, getattr(inner, "__func__", inner))
+        step._lightning_reg_owner = self  # type: ignore[attr-defined]
+        if getattr(inner, "_wrapped_by_lr_sched", False):  # LR schedulers check this attribute at their first step
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+        self._wrapped[id(optimizer)] = (optimizer, replaced)
+
+    def _take_skip(self, optimizer: Optimizer) -> bool:
+        if id(optimizer) in self._skip:
+            self._skip.discard(id(optimizer))
+            return True
+        return False
+
+    def _unwrap_steps(self) -> None:
+        for optimizer, replaced in self._wrapped.values():
+            bound = optimizer.__dict__.get("step")
+            if getattr(getattr(bound, "__func__", None), "_lightning_reg_owner", None) is not self:
+                continue  # wrapped again by someone else: our wrapper stays in the chain but passes through
+            if replaced is None:
+                del optimizer.__dict__["step"]
+            else:
+                optimizer.step = replaced  # type: ignore[method-assign]
+        self._wrapped = {}
+        self._skip = set()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._skip = set()  # a decision never consumed (a step not taken) must not leak into the next step
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unwrap_steps()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._unwrap_steps()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._unwrap_steps()
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -434,6 +535,7 @@ class GradientClipping(RegularizerCallback):
             named = {id(p): _clean_name(n) for n, p in pl_module.named_parameters()}
             return [named.get(id(p), f"unnamed.{i}") for i, p in enumerate(params)]
 
+        skip_on_host = self.nonfinite == "skip" and not scaler_active and id(optimizer) in self._wrapped
         out = self._clip(
             params,
             names,
@@ -443,7 +545,10 @@ class GradientClipping(RegularizerCallback):
             telemetry=telemetry,
             module_norms=module_norms,
             step=step,
+            skip_on_host=skip_on_host,
         )
+        if out.get("skip_step"):
+            self._skip.add(id(optimizer))
         if telemetry or module_norms:
             self._log(pl_module, out, telemetry)
 
@@ -526,6 +631,7 @@ class GradientClipping(RegularizerCallback):
         telemetry: bool,
         module_norms: bool,
         step: int | None = None,
+        skip_on_host: bool = False,
     ) -> dict[str, Any]:
         plan = self._plan(key, params, names)
         raw = [p.grad for p in plan.params]
@@ -626,13 +732,15 @@ class GradientClipping(RegularizerCallback):
         skipped_on_host = False
         if not scaler_active and self.nonfinite == "raise" and not bool(finite):
             raise FloatingPointError(self._nonfinite_message(plan, grads, step))
-        if not deferred and self.nonfinite == "skip" and device.type == "cpu" and not bool(finite):
+        if skip_on_host and not deferred:  # the optimizer step will be skipped: leave the gradients alone
+            skipped_on_host = out["skip_step"] = not bool(finite)  # one host read (a sync on accelerators)
+        elif not deferred and self.nonfinite == "skip" and device.type == "cpu" and not bool(finite):
             for ts in plan.buckets.split(grads):  # a host read is free on CPU: zero only on a bad step
                 torch._foreach_zero_(ts)
             skipped_on_host = True
         if not skipped_on_host:
             apply()
-        if not deferred and self.nonfinite == "skip" and device.type != "cpu":
+        if not deferred and not skip_on_host and self.nonfinite == "skip" and device.type != "cpu":
             bad = ~finite  # NaN·0 is NaN, so zero with a masked fill rather than a multiply (no host sync)
             for g in grads:
                 g.masked_fill_(bad, 0.0)
