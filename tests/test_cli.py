@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from lightning_reg.cli import LightningRegCLI, cli_main
-from tests.helpers import have_fashion_mnist
+from tests.helpers import TinyNet, have_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -183,3 +184,104 @@ def test_console_script_reports_bad_yaml_without_traceback(tmp_path: Path) -> No
         "error: invalid configuration: Expected argument `decay` to be a float in [0, 1], but got 2.0." in proc.stderr
     )
     assert "Traceback" not in proc.stderr
+
+
+# -- issue 15: misuse found by the new-user trial ----------------------------------------------------------------
+def _tiny_run(*callbacks: dict[str, Any], **trainer: Any) -> dict[str, Any]:
+    """A seconds-long fit config: TinyNet on a tiny synthetic datamodule, no logger, no checkpoints."""
+    return {
+        "trainer": {
+            "max_epochs": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": list(callbacks),
+            **trainer,
+        },
+        "model": {"class_path": "tests.helpers.TinyNet"},
+        "data": {
+            "class_path": "lightning_reg.data.datamodules.SyntheticDataModule",
+            "init_args": {"num_train": 32, "num_test": 16, "num_classes": 4, "shape": [1, 8, 8]},
+        },
+    }
+
+
+def test_setup_errors_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Our configuration errors raised in `setup` (after the classes are built) end like argument errors."""
+    cfg = _tiny_run({"class_path": "lightning_reg.NoisyLabelConsistency", "init_args": {"teacher": "ema"}})
+    err = _expect_usage_error(
+        tmp_path, capsys, cfg, "error: invalid configuration: `NoisyLabelConsistency(teacher='ema')`"
+    )
+    assert "Add `EMATeacher(decay=0.999)`" in err and len(err.splitlines()) <= 5, err
+    cfg = _tiny_run({"class_path": "lightning_reg.GradientClipping"}, gradient_clip_val=1.0)
+    _expect_usage_error(tmp_path, capsys, cfg, "error: invalid configuration: `GradientClipping` clips the gradients")
+
+
+class BrokenNet(TinyNet):
+    """A model whose own code fails during training (not a configuration error)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        raise ValueError("a bug in the user's training_step")
+
+
+def test_crashes_inside_training_keep_their_traceback(tmp_path: Path) -> None:
+    cfg = _tiny_run()
+    cfg["model"] = {"class_path": "tests.test_cli.BrokenNet"}
+    with pytest.raises(ValueError, match="a bug in the user's training_step"):
+        cli_main(["fit", "--config", str(_write(tmp_path, cfg))])
+
+
+def test_literal_typo_is_a_short_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _callbacks({"class_path": "lightning_reg.GradientClipping", "init_args": {"rule": "nrom"}})
+    err = _expect_usage_error(
+        tmp_path,
+        capsys,
+        cfg,
+        "error: invalid configuration: Expected argument `rule` of `lightning_reg.GradientClipping` to be one of"
+        " ['norm', 'value', 'component', 'agc', 'auto'], but got 'nrom'. Did you mean 'norm'?",
+    )
+    assert "Union subtypes" not in err and len(err.splitlines()) <= 5, err
+    # From the command line too, and for the datamodule's own Literal arguments.
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--data.init_args.noise_type=symetric"])
+    err = capsys.readouterr().err
+    assert (
+        "Expected argument `noise_type` of `lightning_reg.data.datamodules.FashionMNISTDataModule` to be one of"
+        " ['symmetric', 'asymmetric', 'pairflip'], but got 'symetric'. Did you mean 'symmetric'?" in err
+    ), err
+    assert len(err.splitlines()) <= 5, err
+    # A value of the wrong type: the argument, its class and the type, in one line.
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.init_args.lr=abc"])
+    err = capsys.readouterr().err
+    assert "Expected argument `lr` of `lightning_reg.models.SmallCNN` to be a float, but got 'abc'." in err, err
+    assert len(err.splitlines()) <= 5, err
+
+
+MY_MODULE = '''
+from tests.helpers import TinyNet
+
+
+class MyNet(TinyNet):
+    """A user's model, in a file next to their config."""
+'''
+
+
+def test_console_script_imports_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lightning-reg fit` finds `my_module.MyNet` in the working directory, as `python -m` would."""
+    (tmp_path / "my_module.py").write_text(MY_MODULE)
+    cfg = _tiny_run()
+    cfg["model"] = {"class_path": "my_module.MyNet"}
+    config = _write(tmp_path, cfg)
+    monkeypatch.chdir(tmp_path)
+    here = {"", ".", str(tmp_path), os.getcwd()}
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in here])
+    monkeypatch.delitem(sys.modules, "my_module", raising=False)
+    from lightning_reg.cli import main
+
+    try:
+        main(["fit", "--config", str(config), "--trainer.fast_dev_run=true"])
+    finally:
+        sys.modules.pop("my_module", None)
+    assert sys.path[0] == str(tmp_path)
