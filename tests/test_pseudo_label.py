@@ -23,7 +23,7 @@ from lightning_reg.functional.pseudo_label import (
     pseudo_label_loss,
     pseudo_label_targets,
 )
-from tests.helpers import TinyNet, TinySegNet, TinyTagger, fit, make_dataset, make_layout_dataset
+from tests.helpers import TinyNet, TinySegNet, TinyTagger, fit, make_dataset, make_layout_dataset, trainer_kwargs
 
 
 class Shift(Augmentation):
@@ -246,6 +246,40 @@ def test_dense_callback_term_matches_naive_reference(quality: bool) -> None:
     assert math.isclose(float(ctx.logs["pseudo_label/mask_rate"]), rate, rel_tol=1e-6)
 
 
+class _HiddenLabelsData(L.LightningDataModule):
+    """A CombinedLoader datamodule that keeps the hidden labels of its unlabeled part as ``true_labels``."""
+
+    def __init__(self, indexed: bool = True) -> None:
+        super().__init__()
+        self.indexed = indexed
+        self.true_labels: Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        self.true_labels = make_dataset(64).tensors[1]
+
+    def train_dataloader(self) -> CombinedLoader:
+        if self.indexed:
+            return _ssl_loaders()
+        x, y = make_dataset(64).tensors
+        lab = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=4)
+        unl = DataLoader(TensorDataset(x[16:]), batch_size=12)
+        return CombinedLoader({"labeled": lab, "unlabeled": unl}, mode="max_size_cycle")
+
+
+def test_true_labels_from_the_datamodule() -> None:
+    cb = PseudoLabel(threshold=0.3, weak_augmentation=None)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(callbacks=[cb], **trainer_kwargs(max_epochs=1))
+    trainer.fit(TinyNet(), datamodule=_HiddenLabelsData())
+    assert 0.0 <= float(trainer.callback_metrics["pseudo_label/accuracy"]) <= 1.0
+    # Batches without indices train on; only the (automatic) accuracy is skipped.
+    cb = PseudoLabel(threshold=0.3, weak_augmentation=None)
+    trainer = L.Trainer(callbacks=[cb], **trainer_kwargs(max_epochs=1))
+    trainer.fit(TinyNet(), datamodule=_HiddenLabelsData(indexed=False))
+    assert "pseudo_label/accuracy" not in trainer.callback_metrics
+    assert "pseudo_label/mask_rate" in trainer.callback_metrics
+
+
 def test_dense_and_token_outputs_refuse_views_that_move_elements() -> None:
     x, y = make_layout_dataset(4, "dense").tensors
     with pytest.raises(ValueError, match=r"must keep every pixel in place.*`weak_augmentation` WeakAugment"):
@@ -303,6 +337,12 @@ def test_distribution_alignment_window_and_exact_state() -> None:
     lab = PseudoLabel(distribution_alignment=True, da_target="labeled", weak_augmentation=None)
     lab.loss_term(_ctx(model, x, y, index, num_labeled=4))
     assert lab.state_dict()["da_queue"][0, 5:9].sum() == 4 and lab.state_dict()["da_queue"][0, 9] == 4
+    # A batch without unlabeled rows adds zero prediction statistics (its labels still count) and a zero term.
+    before = lab.state_dict()["da_queue"].clone()
+    term = lab.loss_term(_ctx(model, x[:4], y[:4], index[:4], num_labeled=4))
+    assert term is not None and float(term) == 0.0
+    assert torch.equal(lab.state_dict()["da_queue"][0], before[0]) and lab.state_dict()["da_steps"] == 2
+    assert float(lab.state_dict()["da_queue"][1, :5].abs().sum()) == 0.0 and lab.state_dict()["da_queue"][1, 9] == 4
     with pytest.raises(ValueError, match="one probability per class"):
         PseudoLabel(distribution_alignment=True, da_target=[0.5, 0.5], weak_augmentation=None).loss_term(
             _ctx(model, x, y, index, num_labeled=4)

@@ -130,6 +130,9 @@ class PseudoLabel(LossRegularizer):
     give them, indexed like the training table (labeled and unlabeled samples in one index), with
     ``true_labels_path`` (a ``torch.save``-d ``(N,)`` or ``(N, *d)`` integer tensor, ``ignore_index`` where
     unknown) or :meth:`set_true_labels` to log the kept pseudo-labels' accuracy (the batch needs indices).
+    Without either, a datamodule's ``true_labels`` tensor is used when it has one
+    (:class:`~lightning_reg.data.semi_supervised.SemiSupervisedDataModule` keeps the hidden labels of its
+    unlabeled part); then batches without indices just skip the accuracy.
 
     Outside training steps (sanity check, validation, test) it adds no term and changes no state.
 
@@ -223,6 +226,7 @@ class PseudoLabel(LossRegularizer):
         self._teacher: TeacherProvider | None = None
         self._true_labels: Tensor | None = None
         self._true_on_device: Tensor | None = None
+        self._true_from_datamodule = False
         self._checked_layouts: set[tuple[str, bool]] = set()
         # Distribution alignment: a ring of per-step sums [sum of q over the unlabeled elements (C), their count,
         # label counts of the labeled elements (C), their count], all-reduced over ranks; `_da_steps` pushes so far.
@@ -274,6 +278,11 @@ class PseudoLabel(LossRegularizer):
                     " `torch.save(true_labels, path)`, or call `set_true_labels(tensor)` instead."
                 )
             self.set_true_labels(torch.load(path, map_location="cpu", weights_only=True))
+        if self._true_labels is None:  # a datamodule that keeps hidden labels (SemiSupervisedDataModule)
+            true = getattr(getattr(trainer, "datamodule", None), "true_labels", None)
+            if isinstance(true, Tensor) and true.dim() >= 1 and not true.is_floating_point():
+                self.set_true_labels(true)
+                self._true_from_datamodule = True
 
     def set_true_labels(self, true_labels: Tensor) -> None:
         """Give the hidden true labels, ``(N,)`` or ``(N, *d)`` indexed like the training table, to log accuracy."""
@@ -285,6 +294,7 @@ class PseudoLabel(LossRegularizer):
             )
         self._true_labels = true_labels.detach().to("cpu", torch.long)
         self._true_on_device = None
+        self._true_from_datamodule = False
 
     # -- checks ---------------------------------------------------------------------------------------------------
     def _check_views(self, ctx: StepContext) -> None:
@@ -369,6 +379,8 @@ class PseudoLabel(LossRegularizer):
         labels = ctx.labels[rows]
         ctx.logs[f"{self.name}/weight"] = self.weight
         if labels.shape[0] == 0:  # a semi-supervised batch without unlabeled rows
+            if self.distribution_alignment:  # still join the step's all-reduce (with zero statistics)
+                self._align(ctx, ctx.probs()[rows], None)
             zero = torch.zeros((), device=ctx.logits.device)
             ctx.logs[f"{self.name}/mask_rate"] = zero
             return zero
@@ -388,7 +400,7 @@ class PseudoLabel(LossRegularizer):
         kept = mask if valid is None else mask & valid
         n = labels.numel() if valid is None else valid.sum().clamp_min(1)
         ctx.logs[f"{self.name}/mask_rate"] = kept.sum() / n
-        if self._true_labels is not None:
+        if self._true_labels is not None and (ctx.index is not None or not self._true_from_datamodule):
             ctx.logs[f"{self.name}/accuracy"] = self._accuracy(ctx, rows, q, kept)
         return self.weight * loss
 
