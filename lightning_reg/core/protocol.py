@@ -754,6 +754,12 @@ class RegularizedModule:
     ``<name>/<value>``     schedule values the regularizers report
     ====================  ==========================================
 
+    Each is logged with ``on_step=True, on_epoch=True`` (``<name>_step`` and ``<name>_epoch`` in the
+    logger), but ``self.log`` runs only on logging steps (``trainer.log_every_n_steps``) and at the
+    epoch's end: in between, the values accumulate on their device. ``<name>_step`` is therefore the
+    mean over the steps since the previous logging step (or the epoch's start), and ``<name>_epoch`` the
+    exact epoch mean. With ``log_every_n_steps=1`` this is Lightning's usual per-step logging.
+
     Example:
         >>> import lightning as L
         >>> class Net(RegularizedModule, L.LightningModule):
@@ -931,14 +937,50 @@ class RegularizedModule:
         return soft_cross_entropy(ctx.logits, ctx.target, dim=ctx.class_dim, valid=ctx.valid)
 
     def _log_terms(self, ctx: StepContext, total: Tensor) -> None:
-        log = self.log  # type: ignore[attr-defined]
+        """Log every term and value, calling ``self.log`` only on logging steps (and at the epoch's end).
+
+        Between logging steps the values accumulate on their device (a sum weighted by the batch size);
+        a logging step logs the mean since the values were last handed over (the previous logging step
+        or the epoch's start) with that weight, so the epoch aggregate is the exact epoch mean.
+        Outside training steps every call logs at once, as a plain ``self.log``.
+        """
         bs = ctx.batch_size
-        log("train/loss", total.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        values: dict[str, Tensor | float] = {"train/loss": total.detach()}
         for name, term in ctx.terms.items():
-            log(f"train/loss_{name}", term.detach().float(), on_step=True, on_epoch=True, batch_size=bs)
+            values[f"train/loss_{name}"] = term.detach().float()
         for name, value in ctx.logs.items():
-            v = value.detach().float() if isinstance(value, Tensor) else float(value)
-            log(name, v, on_step=True, on_epoch=True, batch_size=bs)
+            values[name] = value.detach().float() if isinstance(value, Tensor) else float(value)
+        window: dict[str, tuple[Any, int]] = self.__dict__.setdefault("_lreg_log_window", {})
+        flush = not ctx.training or _is_log_flush_step(self._trainer, ctx.batch_idx)  # type: ignore[attr-defined]
+        for name, v in values.items():
+            acc, count = window.pop(name, (0.0, 0))
+            acc, count = acc + v * bs, count + bs
+            if not flush:
+                window[name] = (acc, count)
+                continue
+            mean = acc / count
+            self.log(  # type: ignore[attr-defined]
+                name, mean, prog_bar=name == "train/loss", on_step=True, on_epoch=True, batch_size=count
+            )
+
+
+def _is_log_flush_step(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether a training step must hand its logged values to Lightning now.
+
+    True on logging steps, on the last batch of the epoch (so the epoch aggregate is complete), on the
+    last step of ``max_steps``, when the trainer is stopping, and whenever the epoch length is unknown.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    if (
+        connector is None
+        or bool(getattr(connector, "should_update_logs", True))
+        or getattr(trainer, "fast_dev_run", False)
+    ):
+        return True
+    nb = trainer.num_training_batches
+    if not isinstance(nb, int) or batch_idx + 1 >= nb or trainer.should_stop:
+        return True
+    return trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps - 1
 
 
 def _check_step_inputs(
