@@ -18,6 +18,12 @@ class LabelSmoothing(LossRegularizer):
     PS-KD target; listed before, PS-KD mixes its past predictions into the
     smoothed label. Both orders are valid and deterministic.
 
+    **Every layout.** It works per element, for ``(B, C)`` classification, ``(B, C, H, W)``
+    segmentation and ``(B, T, C)`` token logits alike: with a one-hot target its loss is exactly
+    ``F.cross_entropy(logits, y, ignore_index=..., label_smoothing=ε)``. Elements labelled
+    ``ignore_index`` (void pixels, padding, unlabeled samples) keep an all-zero target row, so they
+    get no smoothed label and no gradient (the base loss masks them with ``ctx.valid`` too).
+
     Args:
         smoothing: The final smoothing ``ε`` in ``[0, 1)``; the paper's default is 0.1.
         schedule: A multiplier on ``smoothing`` over epochs (``"constant"`` by
@@ -43,6 +49,7 @@ class LabelSmoothing(LossRegularizer):
 
     name = "label_smoothing"
     stage = "target"
+    layouts = frozenset({"classification", "dense"})
 
     def __init__(self, smoothing: float = 0.1, schedule: ScheduleLike = "constant") -> None:
         super().__init__()
@@ -56,5 +63,5 @@ class LabelSmoothing(LossRegularizer):
     def refine_target(self, ctx: StepContext) -> None:
         trainer = ctx.module.trainer
         eps = self.current_smoothing(trainer.current_epoch, max(int(trainer.max_epochs or 1), 1))
-        ctx.target = label_smoothing_targets(ctx.current_target(), eps)
+        ctx.target = label_smoothing_targets(ctx.current_target(), eps, dim=ctx.class_dim, valid=ctx.valid)
         ctx.logs[f"{self.name}/epsilon"] = eps
