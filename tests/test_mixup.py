@@ -114,3 +114,45 @@ def test_trains_and_is_reproducible_under_a_step_seed() -> None:
         assert 0.5 <= float(trainer.callback_metrics["mixup/lam_step"]) <= 1.0
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1])
+
+
+# -- dense outputs and unlabeled rows (issues 13 and 14) ------------------------------------------------------
+def test_dense_outputs_are_refused_with_cutmix_as_the_fix() -> None:
+    from tests.helpers import TinySegNet, make_layout_dataset
+
+    model = TinySegNet()
+    model.trainer = L.Trainer(callbacks=[Mixup()], logger=False, enable_progress_bar=False)
+    x, y = make_layout_dataset(4, "dense").tensors
+    with pytest.raises(ValueError, match=r"`Mixup` does not support dense outputs.*use `CutMix`"):
+        model.prepare_inputs(x, y)
+
+
+def test_semi_supervised_batch_mixes_within_the_labeled_rows() -> None:
+    model = _attached(Mixup())
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, -100, -100])
+    ctx = model.prepare_inputs(x, y, torch.arange(6), num_labeled=4)
+    perm, lam = ctx.extras["mixup"]
+    assert sorted(perm[:4].tolist()) == [0, 1, 2, 3] and perm[4:].tolist() == [4, 5]
+    torch.testing.assert_close(ctx.x[4:], x[4:])  # unlabeled rows are their own partners
+    ctx.logits = model(ctx.x)
+    loss = model.run_pipeline(ctx, log=False)
+    assert ctx.target is not None
+    torch.testing.assert_close(ctx.target[:4].sum(1), torch.ones(4))  # never a share of a row without a label
+    assert float(ctx.target[4:].abs().sum()) == 0.0
+    hot = F.one_hot(y[:4], 4).float()
+    expected = lam * F.cross_entropy(ctx.logits[:4], y[:4]) + (1 - lam) * F.cross_entropy(
+        ctx.logits[:4], y[:4][perm[:4]]
+    )
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ctx.target[:4], lam * hot + (1 - lam) * hot[perm[:4]])
+
+
+def test_one_loader_batch_with_ignored_labels_mixes_within_the_labeled_rows() -> None:
+    model = _attached(Mixup())
+    y = torch.tensor([-100, 1, 2, -100, 0])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ctx = model.prepare_inputs(torch.randn(5, 1, 8, 8), y, torch.arange(5))
+        perm = ctx.extras["mixup"][0]
+        assert perm[[0, 3]].tolist() == [0, 3] and sorted(perm[[1, 2, 4]].tolist()) == [1, 2, 4]

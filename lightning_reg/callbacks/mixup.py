@@ -31,6 +31,18 @@ class Mixup(LossRegularizer):
     as ELR+ does); ``ctx.extras["clean_x"]`` keeps the un-mixed input for
     teachers.
 
+    **Per sample, classification only.** Mixup gives each mixed sample one mixed label, so dense
+    outputs (segmentation ``(B, C, H, W)``, tokens ``(B, T, C)``) raise a clear error on the first
+    step: for segmentation use :class:`~lightning_reg.CutMix`, which pastes a box of the input and
+    of the label map with the same mask.
+
+    **Unlabeled rows** (a semi-supervised batch, whose ``ctx.num_labeled`` rows come first, or rows
+    labelled ``ignore_index`` in a single loader): mixup mixes only *within the labeled rows*. A
+    labeled row's partner is another labeled row, and every unlabeled row is its own partner, so its
+    input stays as it was (up to rounding) and its target stays empty. Mixing a labeled with an
+    unlabeled row would leave part of the mixed sample without a target. Loss terms that use
+    unlabeled rows (consistency, pseudo-labels) start from ``ctx.extras["clean_x"]`` anyway.
+
     Under DDP each rank mixes within its own batch (ranks draw different
     permutations and weights). Randomness comes from torch's global RNG (the
     weight from its CPU generator), so seed it per step for bit-exact resumes.
@@ -69,7 +81,19 @@ class Mixup(LossRegularizer):
         self.alpha = check_float("alpha", alpha, 0.0, low_inclusive=False)
         self.max_lam = check_bool("max_lam", max_lam)
 
+    def unsupported_layout_hint(self) -> str:
+        return (
+            "Mixup mixes whole samples with one label each. For segmentation logits (B, C, H, W) use `CutMix`,"
+            " which pastes a box of the input and of the label map with the same mask; for token logits"
+            " (B, T, C) remove it."
+        )
+
     def transform_input(self, ctx: StepContext) -> None:
+        if ctx.is_dense:  # refuse before the forward pass, as `check_layout` would after it
+            raise ValueError(
+                f"`Mixup` does not support dense outputs (labels of shape {tuple(ctx.labels.shape)}); it supports"
+                f" {sorted(self.layouts)}. {self.unsupported_layout_hint()}"
+            )
         x = ctx.x
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
@@ -78,7 +102,10 @@ class Mixup(LossRegularizer):
                 " to [0, 1]) in the dataset, or mix them yourself in `training_step`."
             )
         lam = mixup_lambda(self.alpha, self.max_lam)
-        perm = mixup_permutation(x.shape[0], device=x.device)
+        # Only labeled rows are mixed (among themselves); unlabeled rows are their own partners. The split is
+        # static for a semi-supervised batch; otherwise it is read from the labels on the device (no host sync).
+        labeled = ctx.num_labeled if ctx.num_labeled is not None else ctx.labeled
+        perm = mixup_permutation(x.shape[0], device=x.device, labeled=labeled)
         ctx.x = mixup_tensors(x, perm, lam)
         ctx.extras["mixup"] = (perm, lam)
         ctx.logs[f"{self.name}/lam"] = lam

@@ -39,15 +39,40 @@ def mixup_lambda(alpha: float, max_lam: bool = False, generator: torch.Generator
     return max(lam, 1.0 - lam) if max_lam else lam
 
 
-def mixup_permutation(batch_size: int, device: torch.device | str | None = None) -> Tensor:
+def mixup_permutation(
+    batch_size: int, device: torch.device | str | None = None, *, labeled: int | Tensor | None = None
+) -> Tensor:
     """The partner of each sample: a random permutation of the batch (torch's global RNG).
+
+    With ``labeled``, only the labeled rows are permuted (among themselves) and every unlabeled row
+    is its own partner, so a mixed labeled sample never takes a share of a sample without a label:
+
+    * an ``int`` ``n``: the first ``n`` rows are labeled (a semi-supervised batch; no device work);
+    * a ``(B,)`` boolean mask: labeled rows anywhere in the batch (one random key per row and two
+      stable sorts on the device, no host sync).
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> sorted(mixup_permutation(4).tolist())
         [0, 1, 2, 3]
+        >>> mixup_permutation(5, labeled=2)[2:].tolist()
+        [2, 3, 4]
+        >>> p = mixup_permutation(5, labeled=torch.tensor([True, False, True, True, False]))
+        >>> p[[1, 4]].tolist(), sorted(p[[0, 2, 3]].tolist())
+        ([1, 4], [0, 2, 3])
     """
-    return torch.randperm(batch_size, device=device)
+    if labeled is None:
+        return torch.randperm(batch_size, device=device)
+    if isinstance(labeled, int):
+        n = min(max(labeled, 0), batch_size)
+        return torch.cat([torch.randperm(n, device=device), torch.arange(n, batch_size, device=device)])
+    mask = labeled.to(device=device, dtype=torch.bool)
+    # Labeled rows get random keys in [0, 1), unlabeled rows the key 2: sorting puts the labeled rows first in a
+    # random order and the unlabeled ones after, in their order; the stable sort of the mask lists the same slots.
+    keys = torch.where(mask, torch.rand(batch_size, device=mask.device), torch.full((), 2.0, device=mask.device))
+    shuffled = torch.sort(keys, stable=True).indices
+    slots = torch.sort((~mask).to(torch.uint8), stable=True).indices
+    return torch.empty_like(shuffled).scatter_(0, slots, shuffled)
 
 
 def mixup_tensors(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:

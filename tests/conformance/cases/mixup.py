@@ -47,5 +47,7 @@ register(
         # composed deliberately (ELR+ = Mixup + EMATeacher + ELR(teacher="ema"); see tests/test_elr.py),
         # not thrown into the all-together test.
         composable=False,
+        # Per sample, classification only: dense outputs are refused, naming the input-stage fix for segmentation.
+        refuses={"dense": "use `CutMix`", "tokens": "`Mixup` does not support dense outputs"},
     )
 )
