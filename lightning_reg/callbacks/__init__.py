@@ -2,6 +2,7 @@
 
 from lightning_reg.callbacks.clipping import GradientClipping
 from lightning_reg.callbacks.consistency import LabelCorrection, NoisyLabelConsistency
+from lightning_reg.callbacks.cutmix import CutMix
 from lightning_reg.callbacks.dropout import DropoutSchedule, EarlyDropout, LateDropout
 from lightning_reg.callbacks.elr import ELR
 from lightning_reg.callbacks.ema import EMATeacher, export_ema_state_dict
@@ -13,6 +14,7 @@ from lightning_reg.callbacks.report import ResultsReport
 __all__ = [
     "ELR",
     "PSKD",
+    "CutMix",
     "DropoutSchedule",
     "EMATeacher",
     "EarlyDropout",

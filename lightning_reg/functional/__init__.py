@@ -9,11 +9,12 @@ from lightning_reg.functional.clipping import (
     percentile_threshold,
 )
 from lightning_reg.functional.consistency import consistency_loss, end_of_early_learning, sharpen
+from lightning_reg.functional.cutmix import copy_paste_partners, cutmix_area_lambda, cutmix_box, cutmix_mask, paste_box
 from lightning_reg.functional.dropout import drop_path_rates, drop_rate_at
 from lightning_reg.functional.elr import elr_regularizer, elr_update_targets_, elr_updated_targets
 from lightning_reg.functional.ema import ema_decay, ema_update_
 from lightning_reg.functional.label_smoothing import label_smoothing_targets
-from lightning_reg.functional.mixup import mixup_lambda, mixup_tensors
+from lightning_reg.functional.mixup import mixup_lambda, mixup_permutation, mixup_tensors
 from lightning_reg.functional.pskd import pskd_alpha, pskd_soft_targets
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "clip_grad_norm_per_tensor_",
     "clip_grad_value_",
     "consistency_loss",
+    "copy_paste_partners",
+    "cutmix_area_lambda",
+    "cutmix_box",
+    "cutmix_mask",
     "drop_path_rates",
     "drop_rate_at",
     "elr_regularizer",
@@ -32,7 +37,9 @@ __all__ = [
     "end_of_early_learning",
     "label_smoothing_targets",
     "mixup_lambda",
+    "mixup_permutation",
     "mixup_tensors",
+    "paste_box",
     "percentile_threshold",
     "pskd_alpha",
     "pskd_soft_targets",
