@@ -161,11 +161,133 @@ class NoSyncEMA(EMATeacher):
 
 
 def test_hot_path_has_no_host_sync() -> None:
-    ema = NoSyncEMA(decay=0.9)
-    fit([ema], TinyNet(batchnorm=True), max_steps=3)
-    assert NoSyncEMA.calls == 3 and ema.num_updates == 3
+    """The accelerator path (forced here on CPU, where a host read is free and used) never reads a value."""
+    for nonfinite in ("skip", "ignore"):
+        NoSyncEMA.calls = 0
+        ema = NoSyncEMA(decay=0.9, nonfinite=nonfinite)  # type: ignore[arg-type]
+        ema._sync_free = True
+        fit([ema], TinyNet(batchnorm=True), max_steps=3)
+        assert NoSyncEMA.calls == 3 and ema.num_updates == 3
     with pytest.raises(AssertionError, match="host synchronisation"), forbid_host_sync():
         bool(torch.ones(()))  # the guard itself works
+
+
+# -- non-finite live weights (issue 15, defect 4) -----------------------------------------------------
+class Poison(L.Callback):
+    """Listed before the EMATeacher: puts a NaN into the live weights after the optimizer step of ``steps``
+    (global steps after the step), and takes it out again before the next batch."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.saved: Tensor | None = None
+
+    def _param(self, pl_module: L.LightningModule) -> Tensor:
+        return pl_module.net[1].weight  # type: ignore[index, return-value]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                self.saved = self._param(pl_module).detach().clone()
+                self._param(pl_module)[0, 0] = float("nan")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.saved is not None:
+            with torch.no_grad():
+                self._param(pl_module).copy_(self.saved)
+            self.saved = None
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "sync-free"])
+def test_nonfinite_live_weights_do_not_poison_the_ema(sync_free: bool) -> None:
+    ema = EMATeacher(decay=0.5, warmup="none")
+    ema._sync_free = sync_free
+    rec = Recorder(ema)
+    with pytest.warns(UserWarning, match="non-finite") as caught:
+        trainer, _ = fit([Poison({2, 3}), ema, rec], TinyNet(batchnorm=True), max_steps=5)
+    assert sum("non-finite" in str(w.message) for w in caught) == 1  # warned once
+    after = rec.ema_after  # the EMA after each batch
+    assert _equal(after[1], after[0]) and _equal(after[2], after[0])  # the two poisoned updates were skipped
+    assert all(torch.isfinite(v).all() for v in after[-1].values() if v.is_floating_point())
+    ref = reference_ema(rec, 0.5, "none", skip=frozenset({2, 3}))
+    assert_matches(after[-1], ref)
+    assert ema.skipped_nonfinite == 2
+    assert trainer.callback_metrics["ema/skipped_nonfinite"].item() == 2
+    assert ema.state_dict()["skipped_nonfinite"] == 2
+    # The host check knows at once and does not count a skipped update; the sync-free path counts attempts.
+    assert ema.num_updates == (5 if sync_free else 3)
+
+
+def test_both_update_paths_give_bitwise_equal_emas() -> None:
+    runs = []
+    for sync_free in (False, True):
+        ema = EMATeacher(decay=0.9, warmup="mean_teacher", buffers="average")
+        ema._sync_free = sync_free
+        L.seed_everything(0, verbose=False)
+        fit([ema], TinyNet(batchnorm=True), max_steps=4)
+        runs.append(ema.state_dict()["ema"])
+    assert _equal(runs[0], runs[1]) and set(runs[0]) == set(runs[1])
+
+
+def test_nonfinite_raise_names_the_tensor() -> None:
+    with pytest.raises(FloatingPointError, match=r"non-finite.*`net\.1\.weight`.*step 2"):
+        fit([Poison({2}), EMATeacher(nonfinite="raise")], TinyNet(), max_steps=4)
+    with pytest.raises(ValueError, match="Expected argument `nonfinite` to be one of"):
+        EMATeacher(nonfinite="zero")  # type: ignore[arg-type]
+
+
+# -- resuming with other hyperparameters (issue 15, defect 6) -----------------------------------------
+class EMAAtTrainStart(L.Callback):
+    def __init__(self, ema: EMATeacher) -> None:
+        self.ema = ema
+        self.state: dict[str, Tensor] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.state = {k: v.clone() for k, v in self.ema.state_dict()["ema"].items()}
+
+
+def _first_run(tmp_path: Path) -> tuple[EMATeacher, Path]:
+    ema = EMATeacher(decay=0.9)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+    fit([ema, ckpt], TinyNet(), max_epochs=1, enable_checkpointing=True)
+    return ema, tmp_path / "last.ckpt"
+
+
+def test_changed_hyperparameters_restore_the_ema_and_warn(tmp_path: Path) -> None:
+    first, path = _first_run(tmp_path)
+    resumed = EMATeacher(decay=0.99, warmup="timm")
+    assert resumed.state_key == first.state_key == "EMATeacher"  # hyperparameters are not part of the key
+    probe = EMAAtTrainStart(resumed)
+    with pytest.warns(UserWarning, match=r"decay: 0\.9 -> 0\.99.*warmup: 'mean_teacher' -> 'timm'"):
+        fit([resumed, probe], TinyNet(), ckpt_path=str(path), max_epochs=2)
+    assert _equal(probe.state, torch.load(path, weights_only=False)["callbacks"]["EMATeacher"]["ema"])
+    assert resumed.num_updates == first.num_updates + 4
+
+
+def test_checkpoint_with_the_old_state_key_still_resumes(tmp_path: Path) -> None:
+    first, path = _first_run(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    state = ckpt["callbacks"].pop("EMATeacher")
+    state.pop("hparams")  # as written before the key became stable
+    old_key = "EMATeacher{'decay': 0.9, 'warmup': 'mean_teacher', 'include': None, 'exclude': None}"
+    ckpt["callbacks"][old_key] = state
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    resumed = EMATeacher(decay=0.999)
+    probe = EMAAtTrainStart(resumed)
+    with pytest.warns(UserWarning, match=r"decay: 0\.9 -> 0\.999"):
+        fit([resumed, probe], TinyNet(), ckpt_path=str(old), max_epochs=2)
+    assert _equal(probe.state, state["ema"]) and resumed.num_updates == first.num_updates + 4
+
+
+def test_several_ema_teachers_need_distinct_keys() -> None:
+    fast, slow = EMATeacher(decay=0.9, key="fast"), EMATeacher(decay=0.99, key="slow")
+    assert fast.state_key != slow.state_key
+    fit([fast, slow], TinyNet(), max_steps=2)
+    assert fast.num_updates == slow.num_updates == 2
+    with pytest.raises(RuntimeError, match="state_key"):
+        fit([EMATeacher(decay=0.9), EMATeacher(decay=0.99)], TinyNet(), max_steps=1)
+    with pytest.raises(TypeError, match="Expected argument `key` to be a str"):
+        EMATeacher(key=3)  # type: ignore[arg-type]
 
 
 # -- evaluation with the EMA weights ---------------------------------------------------------------

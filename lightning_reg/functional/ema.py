@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "EMA_WARMUPS",
     "EMAWarmup",
+    "all_finite",
     "clean_state_dict",
     "clean_state_dict_key",
     "ema_decay",
@@ -124,6 +125,28 @@ def ema_update_(ema: Sequence[Tensor], tensors: Sequence[Tensor], decay: float) 
     if not ema:
         return
     torch._foreach_lerp_(list(ema), list(tensors), 1.0 - float(decay))
+
+
+@torch.no_grad()
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the tensors' device: whether every entry of every tensor is finite. No host sync.
+
+    It takes one multi-tensor L1 norm (accumulated in fp32 for fp16/bf16, so it cannot overflow for any
+    realistic weights) and checks that the norms are finite: a NaN or an infinity anywhere makes its
+    tensor's norm non-finite. The tensors must share a device.
+
+    Example:
+        >>> all_finite([torch.ones(3), torch.zeros(2, 2)])
+        tensor(True)
+        >>> all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+        tensor(False)
+    """
+    tensors = list(tensors)
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    low = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    norms = torch._foreach_norm(tensors, 1, dtype=torch.float32) if low else torch._foreach_norm(tensors, 1)
+    return torch.isfinite(torch.stack(list(norms))).all()
 
 
 def group_by_device_and_dtype(

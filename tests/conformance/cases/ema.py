@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from lightning_reg.callbacks.ema import EMATeacher
-from lightning_reg.functional.ema import ema_decay, ema_update_
+from lightning_reg.functional.ema import all_finite, ema_decay, ema_update_
 from tests.conformance.registry import Case, register
 
 
@@ -34,6 +34,11 @@ def _math(dtype: torch.dtype) -> None:
     assert torch.equal(e[0], t[0])
     ema_update_(e, [torch.zeros(3, dtype=dtype)], 1.0)
     assert torch.equal(e[0], t[0])
+    # The non-finite check: fp16/bf16 norms are accumulated in fp32, so large finite weights are not flagged.
+    big = torch.full((4096,), 60000.0 if dtype == torch.float16 else 1e30, dtype=dtype)
+    assert bool(all_finite([big, t[0]]))
+    assert not bool(all_finite([big, torch.tensor([0.0, float("nan")], dtype=dtype)]))
+    assert not bool(all_finite([torch.tensor([float("-inf")], dtype=dtype)]))
 
 
 register(
@@ -54,6 +59,8 @@ register(
             "eval_with_ema": False,
             "teacher_mode": "train",
             "overlap": True,
+            "nonfinite": "raise",
+            "key": "slow",
         },
         bad_args=[
             ({"decay": 1.5}, ValueError, "Expected argument `decay` to be a float in [0, 1]"),
@@ -67,6 +74,8 @@ register(
             ({"exclude": [1]}, TypeError, "Expected argument `exclude` to be a list of name patterns"),
             ({"eval_with_ema": 1}, TypeError, "Expected argument `eval_with_ema` to be a bool"),
             ({"teacher_mode": "student"}, ValueError, "Expected argument `teacher_mode` to be one of"),
+            ({"nonfinite": "zero"}, ValueError, "Expected argument `nonfinite` to be one of"),
+            ({"key": 1}, TypeError, "Expected argument `key` to be a str or None"),
         ],
         math=_math,
     )
