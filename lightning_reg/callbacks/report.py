@@ -549,14 +549,12 @@ class ResultsReport(Callback):
             ax.plot([r["epoch"] + 1 for r in ema_rows], [r["test_acc_ema"] for r in ema_rows], "s--", label="EMA")
         used, total = results.get("epoch_eval_test_samples"), results.get("test_samples")
         total_text = f"{total:,}" if total is not None else "?"
-        for key, marker, name in (("test_acc", "*", "live"), ("test_acc_ema", "P", "EMA")):
-            if isinstance(results.get(key), (int, float)) and results.get("test_metrics", {}).get(key) in (
-                "test/acc",
-                "test_acc",
-            ):
-                ax.plot(
-                    [epochs[-1]], [results[key]], marker, markersize=11, label=f"final {name}, all {total_text} images"
-                )
+        # The final accuracy on the whole test set (only an accuracy: `test/acc`, `test_acc` or the direct one).
+        accuracy = results.get("test_metrics", {}).get("test_acc") in ("test/acc", "test_acc")
+        for key, marker, color, name in (("test_acc", "*", "C0", "live"), ("test_acc_ema", "P", "C1", "EMA")):
+            if accuracy and isinstance(results.get(key), (int, float)):
+                label = f"final {name}, all {total_text} images"
+                ax.plot([epochs[-1]], [results[key]], marker, color=color, markersize=11, label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy")
         if used is not None and total is not None and used < total:
