@@ -3,6 +3,7 @@
 from lightning_reg.callbacks import (
     ELR,
     PSKD,
+    CutMix,
     DropoutSchedule,
     EarlyDropout,
     EMATeacher,
@@ -12,6 +13,7 @@ from lightning_reg.callbacks import (
     LateDropout,
     Mixup,
     NoisyLabelConsistency,
+    PseudoLabel,
     ResultsReport,
     export_ema_state_dict,
 )
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ELR",
     "PSKD",
+    "CutMix",
     "DropPath",
     "DropoutSchedule",
     "EMATeacher",
@@ -45,6 +48,7 @@ __all__ = [
     "Mixup",
     "NoisyLabelConsistency",
     "PerSampleTable",
+    "PseudoLabel",
     "RegularizedModule",
     "RegularizerCallback",
     "ResultsReport",

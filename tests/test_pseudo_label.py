@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_reg import EMATeacher
 from lightning_reg.augment import Augmentation, GaussianNoise, PatchMask, RandAugment, WeakAugment
 from lightning_reg.callbacks.pseudo_label import PseudoLabel
-from lightning_reg.core.protocol import StepContext
+from lightning_reg.core.protocol import StepContext, unpack_semi_supervised_batch
 from lightning_reg.functional.pseudo_label import (
     align_distribution,
     confidence_quality,
@@ -394,18 +394,35 @@ def _ssl_loaders(n_l: int = 16, n_u: int = 48) -> CombinedLoader:
     return CombinedLoader({"labeled": lab, "unlabeled": unl}, mode="max_size_cycle")
 
 
-def test_reuse_path_runs_no_teacher_forward_and_the_strong_view_has_gradients() -> None:
+def test_one_forward_per_step_carries_labeled_weak_and_strong_rows() -> None:
+    """FixMatch's reference forward: ``model(cat(x_l, weak(u), strong(u)))`` once per step, with gradients."""
     CountingNet.calls = []
-    cb = PseudoLabel(threshold=0.3, weak_augmentation=None)
+    cb = PseudoLabel(threshold=0.3)
     trainer, _ = fit([cb], CountingNet(), _ssl_loaders(), max_epochs=1)
     assert trainer.global_step == 4
-    # Per step: the main forward of labeled + unlabeled rows, then the strong view of the 12 unlabeled rows.
-    assert CountingNet.calls == [(16, True), (12, True)] * 4
+    # 4 labeled + 12 weakly augmented unlabeled rows + their 12 strong views: one forward, no second student pass
+    assert CountingNet.calls == [(28, True)] * 4
     assert "pseudo_label/mask_rate" in trainer.callback_metrics
     assert math.isfinite(float(trainer.callback_metrics["train/loss_pseudo_label"]))
-    # With a weak view, one more forward, without gradients, of the unlabeled rows only.
+    # Without a weak view the batch's own unlabeled rows give the pseudo-labels: still one forward.
     CountingNet.calls = []
-    fit([PseudoLabel(threshold=0.3)], CountingNet(), _ssl_loaders(), max_epochs=1)
+    fit([PseudoLabel(threshold=0.3, weak_augmentation=None)], CountingNet(), _ssl_loaders(), max_epochs=1)
+    assert CountingNet.calls == [(28, True)] * 4
+
+
+def test_custom_training_step_forwards_the_views_itself() -> None:
+    """With ``regularized_loss`` alone (no ``prepare_inputs``) the strong view gets its own forward, with gradients."""
+
+    class OwnStep(CountingNet):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            x, y, index, n = unpack_semi_supervised_batch(batch)
+            return self.regularized_loss(self(x), y, index, x=x, num_labeled=n)
+
+    CountingNet.calls = []
+    fit([PseudoLabel(threshold=0.3, weak_augmentation=None)], OwnStep(), _ssl_loaders(), max_epochs=1)
+    assert CountingNet.calls == [(16, True), (12, True)] * 4
+    CountingNet.calls = []
+    fit([PseudoLabel(threshold=0.3)], OwnStep(), _ssl_loaders(), max_epochs=1)
     assert CountingNet.calls == [(16, True), (12, False), (12, True)] * 4
 
 

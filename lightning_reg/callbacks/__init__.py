@@ -8,6 +8,7 @@ from lightning_reg.callbacks.elr import ELR
 from lightning_reg.callbacks.ema import EMATeacher, export_ema_state_dict
 from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.mixup import Mixup
+from lightning_reg.callbacks.pseudo_label import PseudoLabel
 from lightning_reg.callbacks.pskd import PSKD
 from lightning_reg.callbacks.report import ResultsReport
 
@@ -24,6 +25,7 @@ __all__ = [
     "LateDropout",
     "Mixup",
     "NoisyLabelConsistency",
+    "PseudoLabel",
     "ResultsReport",
     "export_ema_state_dict",
 ]

@@ -342,12 +342,45 @@ class PseudoLabel(LossRegularizer):
     def _clean(self, ctx: StepContext) -> Tensor:
         return ctx.clean_input(type(self).__name__)
 
-    @staticmethod
-    def _input_unchanged(ctx: StepContext) -> bool:
+    def _input_unchanged(self, ctx: StepContext) -> bool:
         """Whether the step forwarded the batch's own input (no input-stage regularizer such as mixup changed it)."""
-        return ctx.x is ctx.extras.get("clean_x", ctx.x)
+        return ctx.x is ctx.extras.get("clean_x", ctx.x) or bool(ctx.extras.get(self._WEAK_IN_MAIN))
+
+    # -- views in the step's one forward (FixMatch: forward(cat(x_l, weak(u), strong(u)))) -------------------------
+    _WEAK_IN_MAIN = "pseudo_label/weak_in_main"
+    _STRONG = "pseudo_label/strong"
+
+    def add_views(self, ctx: StepContext) -> None:
+        """Put the views into the step's single forward, as FixMatch's reference implementation does.
+
+        With ``teacher="self"``, a weak view and a semi-supervised batch, the unlabeled rows of the
+        forwarded input *are* replaced by their weak view, so the pseudo-labels come from the step's own
+        logits (detached); the strong view of the selected rows is appended to the same forward.
+        """
+        if self.on == "unlabeled" and ctx.num_labeled is None and not isinstance(ctx.x, Tensor):
+            return
+        self._check_views(ctx)
+        if not self._input_unchanged(ctx):  # an input-stage regularizer (mixup) changed the input: forward apart
+            return
+        rows, _ = self._rows(ctx)
+        clean = self._clean(ctx)
+        if clean[rows].shape[0] == 0:
+            return
+        if self.strong_augmentation is not None:
+            ctx.add_view(self._STRONG, self.strong_augmentation(clean[rows]))
+        if (
+            self.teacher == "self"
+            and self.weak_augmentation is not None
+            and self.on == "unlabeled"
+            and ctx.num_labeled is not None
+        ):
+            n = ctx.num_labeled
+            ctx.x = torch.cat([clean[:n], self.weak_augmentation(clean[n:])])
+            ctx.extras[self._WEAK_IN_MAIN] = True
 
     def _teacher_probs(self, ctx: StepContext, rows: slice) -> Tensor:
+        if ctx.extras.get(self._WEAK_IN_MAIN):  # the step's forward saw the weak view of these rows
+            return ctx.probs()[rows]
         teacher = self._teacher if self.teacher == "ema" and _teacher_ready(self._teacher) else None
         if teacher is not None:
             if self.weak_augmentation is None:
@@ -366,6 +399,8 @@ class PseudoLabel(LossRegularizer):
 
     def _student_logits(self, ctx: StepContext, rows: slice) -> Tensor:
         assert ctx.logits is not None
+        if self._STRONG in ctx.view_logits:  # forwarded with the batch
+            return ctx.view_logits[self._STRONG]
         if self.strong_augmentation is None:
             return ctx.logits[rows] if self._input_unchanged(ctx) else ctx.module(self._clean(ctx)[rows])
         return ctx.module(self.strong_augmentation(self._clean(ctx)[rows]))

@@ -314,6 +314,27 @@ class StepContext:
     layout: str = "channels_first"
     ignore_index: int = IGNORE_INDEX
     num_labeled: int | None = None
+    views: dict[str, Tensor] = field(default_factory=dict)
+    view_logits: dict[str, Tensor] = field(default_factory=dict)
+
+    # -- extra views in the step's one forward -----------------------------------------------------------------
+    def add_view(self, key: str, x: Tensor) -> None:
+        """Append ``x`` (rows of extra inputs, e.g. a strong augmentation of the unlabeled samples) to the forward.
+
+        Called from :meth:`LossRegularizer.add_views`, before the forward pass. The mixin's
+        ``training_step`` forwards ``cat([ctx.x, *views])`` in one call (one DDP graph, one autocast
+        region, one BatchNorm batch, as FixMatch's reference does) and puts each view's logits in
+        :attr:`view_logits` under its key. With a custom ``training_step`` that forwards only the
+        batch, :attr:`view_logits` stays empty and a technique forwards its view itself.
+        """
+        if key in self.views:
+            raise ValueError(f"Two regularizers added a view named {key!r}; give one a distinct key.")
+        if not isinstance(self.x, Tensor) or not isinstance(x, Tensor) or x.shape[1:] != self.x.shape[1:]:
+            raise ValueError(
+                f"Expected the view {key!r} to be a tensor with the batch input's per-sample shape"
+                f" {tuple(getattr(self.x, 'shape', ())[1:])}, but got {tuple(getattr(x, 'shape', ()))}."
+            )
+        self.views[key] = x
 
     # -- shape ----------------------------------------------------------------------------------------------------
     @property
@@ -650,7 +671,8 @@ class LossRegularizer(RegularizerCallback):
                 f"`{who}` transforms the input before the forward pass, but the first training step forwarded the"
                 " batch without the input stage (`regularized_loss` alone cannot change an input that was already"
                 " forwarded). Delete your `training_step` to use `RegularizedModule`'s, or write it as"
-                " `ctx = self.prepare_inputs(x, y, index); ctx.logits = self(ctx.x); return self.run_pipeline(ctx)`."
+                " `ctx = self.prepare_inputs(x, y, index); ctx.logits = self.forward_views(ctx);"
+                " return self.run_pipeline(ctx)`."
             )
 
     def conflicts_with(self, other: LossRegularizer) -> str | None:
@@ -668,6 +690,12 @@ class LossRegularizer(RegularizerCallback):
 
     def transform_input(self, ctx: StepContext) -> None:
         """Input stage: replace ``ctx.x`` (and record what you did in ``ctx.extras``)."""
+
+    def add_views(self, ctx: StepContext) -> None:
+        """Before the forward pass (any stage, training steps only): append extra views with ``ctx.add_view``.
+
+        Their logits come back in ``ctx.view_logits`` from the step's single forward.
+        """
 
     def refine_labels(self, ctx: StepContext) -> None:
         """Label stage: replace ``ctx.labels`` (e.g. with corrected labels)."""
@@ -823,18 +851,36 @@ class RegularizedModule:
     ) -> StepContext:
         """Run the input stage and return the step context (``ctx.x`` is what to forward)."""
         ctx = self._new_context(x, y, index, batch_idx, num_labeled, None)
+        regs = self._regularizers()
         if ctx.training:
             self._lreg_input_calls = getattr(self, "_lreg_input_calls", 0) + 1
-        for r in self._regularizers():
+        for r in regs:
             if r.stage == "input":
                 r.transform_input(ctx)
+        if ctx.training:
+            for r in regs:
+                r.add_views(ctx)
         return ctx
+
+    def forward_views(self, ctx: StepContext) -> Tensor:
+        """Forward ``ctx.x`` and every view added with ``ctx.add_view`` in one call; return the batch's logits.
+
+        The views' logits are split off into ``ctx.view_logits``.
+        """
+        if not ctx.views:
+            return self(ctx.x)  # type: ignore[operator]
+        sizes = [int(ctx.x.shape[0]), *(int(v.shape[0]) for v in ctx.views.values())]
+        out = self(torch.cat([ctx.x, *ctx.views.values()]))  # type: ignore[operator]
+        parts = torch.split(out, sizes)
+        ctx.view_logits = dict(zip(ctx.views, parts[1:]))
+        return parts[0]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Unpack the batch, run the input stage, forward once, and return :meth:`run_pipeline`'s loss.
 
         A ``{"labeled": ..., "unlabeled": ...}`` batch is concatenated first (see
-        :func:`unpack_semi_supervised_batch`), so both parts share one forward.
+        :func:`unpack_semi_supervised_batch`), so both parts share one forward, together with any
+        extra views the regularizers add (see :meth:`forward_views`).
         """
         num_labeled = None
         if is_semi_supervised_batch(batch):
@@ -842,7 +888,7 @@ class RegularizedModule:
         else:
             x, y, index = unpack_batch(batch)
         ctx = self.prepare_inputs(x, y, index, batch_idx, num_labeled=num_labeled)
-        ctx.logits = self(ctx.x)  # type: ignore[operator]
+        ctx.logits = self.forward_views(ctx)
         return self.run_pipeline(ctx)
 
     def regularized_loss(

@@ -15,13 +15,21 @@ from lightning_reg.functional.elr import elr_regularizer, elr_update_targets_, e
 from lightning_reg.functional.ema import ema_decay, ema_update_
 from lightning_reg.functional.label_smoothing import label_smoothing_targets
 from lightning_reg.functional.mixup import mixup_lambda, mixup_permutation, mixup_tensors
+from lightning_reg.functional.pseudo_label import (
+    align_distribution,
+    confidence_quality,
+    pseudo_label_loss,
+    pseudo_label_targets,
+)
 from lightning_reg.functional.pskd import pskd_alpha, pskd_soft_targets
 
 __all__ = [
     "adaptive_clip_grad_",
+    "align_distribution",
     "clip_grad_norm_",
     "clip_grad_norm_per_tensor_",
     "clip_grad_value_",
+    "confidence_quality",
     "consistency_loss",
     "copy_paste_partners",
     "cutmix_area_lambda",
@@ -41,6 +49,8 @@ __all__ = [
     "mixup_tensors",
     "paste_box",
     "percentile_threshold",
+    "pseudo_label_loss",
+    "pseudo_label_targets",
     "pskd_alpha",
     "pskd_soft_targets",
     "sharpen",

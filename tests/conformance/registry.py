@@ -43,6 +43,8 @@ class Case:
             training, resume, DDP and bf16 checks.
         dense_math: Checks the functional core on dense elements (with ``ignore_index``) against a reference.
         refuses: Layout -> substring of the clear error the technique raises for a layout it does not support.
+        ddp_matches_single_layouts: Dense layouts on which a 2-rank DDP run must also equal one process (the
+            per-rank mean over valid elements makes weights differ whenever ranks hold different counts).
     """
 
     name: str
@@ -61,6 +63,7 @@ class Case:
     layouts: tuple[str, ...] = ()
     dense_math: Callable[[torch.dtype], None] | None = None
     refuses: dict[str, str] = field(default_factory=dict)
+    ddp_matches_single_layouts: tuple[str, ...] = ()
 
     @property
     def loss_side(self) -> bool:

@@ -91,7 +91,11 @@ def test_ddp_two_process_cpu_on_layout(name: str, layout: str, tmp_path: Path) -
     r1 = torch.load(tmp_path / "ddp_rank1.pt", weights_only=False)
     assert_state_equal(r0["model"], r1["model"], "model(rank0 vs rank1)")
     assert_state_equal(r0["callbacks"], r1["callbacks"], "callbacks(rank0 vs rank1)", atol=1e-6)
-    if case.ddp_matches_single:
+    # The base loss is each rank's mean over its valid elements, as `F.cross_entropy` under DDP: ranks with
+    # different numbers of valid pixels/tokens weigh them differently from one process on the joint batch,
+    # so on these layouts DDP is checked for agreement between ranks, and against a single process only where
+    # the case says its state does not depend on that weighting.
+    if case.ddp_matches_single and layout in case.ddp_matches_single_layouts:
         single = run_worker(name, str(tmp_path), "single", layout)
         assert_state_equal(r0["model"], single["model"], "model(ddp vs single)", atol=1e-5, rtol=1e-4)
         assert_state_equal(r0["callbacks"], single["callbacks"], "callbacks(ddp vs single)", atol=1e-5, rtol=1e-4)
