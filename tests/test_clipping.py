@@ -697,3 +697,41 @@ def test_no_host_sync_on_gpu(rule: str) -> None:
         cb.clip_(list(net.parameters()), names, module_norms=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- GPU: a skipped step with CUDA optimizers, and under a CUDA GradScaler -----------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        pytest.param(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), id="sgd-momentum"),
+        pytest.param(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True), id="adamw-foreach"),
+        pytest.param(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), id="adamw-fused"),
+    ],
+)
+def test_nonfinite_skip_on_gpu_leaves_weights_and_optimizer_state_unchanged(make_optimizer: Any) -> None:
+    class Net(PlainSGD):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.parameters())
+
+    snaps, cb = OptimizerSnapshots(), GradientClipping(max_norm=1.0, nonfinite="skip")
+    fit([InjectGrad({1}, math.nan), cb, snaps], _model(Net), max_steps=4, accelerator="gpu")
+    w, st = snaps.weights, snaps.states
+    assert torch.equal(w[2], w[1]) and all(torch.equal(st[1][k], st[0][k]) for k in st[0])
+    assert not torch.equal(w[3], w[2]) and torch.isfinite(w[-1]).all()
+    assert int(cb.state_dict()["num_nonfinite"]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gradscaler_on_gpu_owns_nonfinite_steps() -> None:
+    snaps, cb = Snapshots(), GradientClipping(max_norm=1.0, nonfinite="skip")
+    trainer, _ = fit(
+        [InjectGrad({1}, math.inf), cb, snaps], _model(PlainSGD), max_steps=4, accelerator="gpu", precision="16-mixed"
+    )
+    state = cb.state_dict()
+    assert int(state["num_nonfinite"]) == 0 and int(state["num_steps"]) == 3
+    assert trainer.precision_plugin.scaler.get_scale() < 2.0**16  # type: ignore[attr-defined]
+    w = snaps.weights
+    assert torch.equal(w[2], w[1]) and torch.isfinite(w[-1]).all()

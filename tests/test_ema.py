@@ -563,3 +563,68 @@ def test_benchmark_parameter_sets_have_the_advertised_sizes() -> None:
     rn, tf = resnet50_shapes(), transformer_shapes()
     assert (len(rn), sum(torch.Size(s).numel() for s in rn)) == (161, 25_557_032)  # torchvision's resnet50()
     assert len(tf) == 304 and 9.5e6 < sum(torch.Size(s).numel() for s in tf) < 10.5e6
+
+
+# -- GPU: GradScaler skips, the sync-free non-finite path, overlap ---------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gradscaler_skipped_step_does_not_update_on_gpu() -> None:
+    ema = EMATeacher(decay=0.8, warmup="mean_teacher")
+    rec = Recorder()
+    trainer, _ = fit([ema, rec], InfLossAt(), max_epochs=1, accelerator="gpu", precision="16-mixed")
+    scaler = trainer.precision_plugin.scaler  # type: ignore[attr-defined]
+    assert trainer.global_step == 4 and scaler.get_scale() < 2.0**16  # the scaler skipped and backed off
+    before, after = rec.batches[1][1], rec.batches[2][1]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (ema.num_updates, ema.skipped_steps) == (3, 1)
+    ref = _cpu(reference_ema(rec, 0.8, "mean_teacher", skip=frozenset({3})))
+    assert_matches(_cpu(ema.state_dict()["ema"]), ref, atol=1e-5)
+
+
+class SyncCheckedEMA(EMATeacher):
+    """Raises on any host synchronisation inside the update (CUDA's sync debug mode)."""
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            super().on_train_batch_end(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nonfinite_weights_on_gpu_are_skipped_without_a_host_sync() -> None:
+    ema = SyncCheckedEMA(decay=0.5, warmup="none")
+    rec = Recorder(ema)
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit([Poison({2, 3}), ema, rec], TinyNet(batchnorm=True), max_steps=5, accelerator="gpu")
+    after = [_cpu(a) for a in rec.ema_after]
+    assert _equal(after[1], after[0]) and _equal(after[2], after[0])
+    assert ema.skipped_nonfinite == 2 and ema.num_updates == 5  # attempts: the host never read the flag
+    assert_matches(after[-1], _cpu(reference_ema(rec, 0.5, "none", skip=frozenset({2, 3}))), atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_overlap_on_a_side_stream_matches_the_default_stream() -> None:
+    runs = []
+    for overlap in (False, True):
+        ema = EMATeacher(decay=0.9, warmup="mean_teacher", overlap=overlap, teacher_mode="eval")
+        cap = CaptureAtTrainEnd(ema)
+        L.seed_everything(0, verbose=False)
+        fit([ema, cap], TinyNet(batchnorm=True), max_steps=6, accelerator="gpu")
+        assert (ema._stream is not None) == overlap
+        runs.append((cap.state, ema.teacher_forward(X.cuda()).cpu()))
+    (a, ya), (b, yb) = runs
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)

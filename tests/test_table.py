@@ -250,3 +250,26 @@ def test_elr_resumed_on_a_training_set_of_another_size_fails_clearly(tmp_path: P
     _elr_fit(16, tmp_path)
     with pytest.raises(ValueError, match=rf"16 rows.* has {resume_n} samples.*same training set"):
         _elr_fit(resume_n, tmp_path, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_table_reads_writes_and_checkpoints(dtype: str) -> None:
+    dev = torch.device("cuda")
+    table = PerSampleTable(num_samples=300, num_columns=7, dtype=dtype, device="auto").allocate(device=dev)
+    assert table.device.type == "cuda"
+    idx = torch.randperm(300, device=dev)[:50]
+    rows = torch.softmax(torch.randn(50, 7, device=dev), dim=1)
+    table.write(idx, rows)
+    got, seen = table.read(idx)
+    assert got.device.type == "cuda" and bool(seen.all())
+    torch.testing.assert_close(
+        got, rows, atol=0 if dtype == "float32" else 1e-2, rtol=0 if dtype == "float32" else 1e-2
+    )
+    with pytest.raises(IndexError, match=r"Expected sample indices in \[0, 300\)"):
+        PerSampleTable(num_samples=300, num_columns=7, device="auto").allocate(device=dev).read(idx + 300)
+    fresh = PerSampleTable(dtype=dtype, device="auto")
+    fresh.load_state_dict(table.state_dict())
+    fresh.allocate(300, 7, device=dev)
+    assert fresh.device.type == "cuda" and torch.equal(fresh.dense(), table.dense())
