@@ -370,12 +370,17 @@ class StepContext:
 
     @property
     def labeled(self) -> Tensor:
-        """``(B,)`` boolean: the sample has at least one labelled element (unlabeled samples have none)."""
+        """``(B,)`` boolean: the sample came with at least one labelled element (unlabeled samples have none).
+
+        Read from :attr:`given_labels`, so a label map an input-stage regularizer pasted into an unlabeled
+        image (copy-paste) does not make it a labeled sample.
+        """
         if self.num_labeled is not None:
             out = torch.zeros(self.batch_size, dtype=torch.bool, device=self.labels.device)
             out[: self.num_labeled] = True
             return out
-        valid = self.valid
+        given = self.labels if self.given_labels is None else self.given_labels
+        valid = given != self.ignore_index
         return valid.reshape(valid.shape[0], -1).any(dim=1) if valid.dim() > 1 else valid
 
     @property
