@@ -3,12 +3,22 @@
 from lightning_reg.data.indexed import IndexedDataset
 from lightning_reg.data.loader import EpochSeededSampler, ResumableDataLoader
 from lightning_reg.data.noise import FASHION_MNIST_ASYMMETRIC_MAP, NoisyLabels, inject_label_noise
+from lightning_reg.data.semi_supervised import (
+    IGNORE_INDEX,
+    SemiSupervisedDataModule,
+    SyntheticSemiSupervisedDataModule,
+    split_labeled_unlabeled,
+)
 
 __all__ = [
     "FASHION_MNIST_ASYMMETRIC_MAP",
+    "IGNORE_INDEX",
     "EpochSeededSampler",
     "IndexedDataset",
     "NoisyLabels",
     "ResumableDataLoader",
+    "SemiSupervisedDataModule",
+    "SyntheticSemiSupervisedDataModule",
     "inject_label_noise",
+    "split_labeled_unlabeled",
 ]
