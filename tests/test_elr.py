@@ -14,11 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reg.callbacks.elr import ELR
 from lightning_reg.callbacks.mixup import Mixup
 from lightning_reg.core.protocol import StepContext
+from lightning_reg.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader
 from lightning_reg.functional.elr import (
     elr_clamped_probs,
     elr_mixed_targets,
@@ -26,7 +29,16 @@ from lightning_reg.functional.elr import (
     elr_update_targets_,
     elr_updated_targets,
 )
-from tests.helpers import TinyNet, assert_state_equal, fit, make_dataset, make_loader
+from tests.helpers import (
+    StepSeed,
+    TinyNet,
+    assert_state_equal,
+    fit,
+    make_dataset,
+    make_loader,
+    make_model,
+    trainer_kwargs,
+)
 
 # -- functional core: hand-computed example -----------------------------------------------------------------
 
@@ -357,3 +369,269 @@ def test_suspected_labels_csv_and_diagnostics(tmp_path: Path) -> None:
 def test_diagnostics_before_training_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="no targets yet"):
         ELR().suspected_labels()
+
+
+# -- training only (issue 15, defect 2) --------------------------------------------------------------------------
+
+
+class _ValPipeline(TinyNet):
+    """Runs the regularization pipeline in ``validation_step`` too, and records its loss next to the plain CE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_records: list[tuple[float, float]] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, index = batch
+        logits = self(x)
+        loss = self.regularized_loss(logits, y, index, x=x, log=False)
+        self.val_records.append((float(loss), float(F.cross_entropy(logits, y))))
+
+
+def _fit_with_validation(callbacks: list[Any], n: int = 16, sanity: int = 2) -> _ValPipeline:
+    L.seed_everything(0, verbose=False)
+    model = _ValPipeline()
+    trainer = L.Trainer(callbacks=[*callbacks, StepSeed()], **trainer_kwargs(max_epochs=1, num_sanity_val_steps=sanity))
+    trainer.fit(
+        model,
+        train_dataloaders=make_loader(n, batch_size=8),
+        val_dataloaders=make_loader(n, batch_size=8, shuffle=False),
+    )
+    return model
+
+
+def test_validation_and_sanity_steps_leave_the_table_alone() -> None:
+    """A 16-sample epoch with a 2-batch sanity check and validation through the pipeline: 16 visits, not 48."""
+    elr = ELR(beta=0.7, lam=3.0, num_samples=16)
+    model = _fit_with_validation([elr])
+    assert len(model.val_records) == 4  # 2 sanity-check batches + 2 validation batches ran the pipeline
+    assert int(elr.visits.sum()) == 16 and torch.equal(elr.visits, torch.ones(16, dtype=torch.long))
+    # ... and the table equals a run without any validation.
+    ref = ELR(beta=0.7, lam=3.0, num_samples=16)
+    L.seed_everything(0, verbose=False)
+    fit([ref], TinyNet(), make_loader(16, batch_size=8), max_epochs=1)
+    assert_state_equal(elr.state_dict(), ref.state_dict())
+    # Outside training ELR adds no term (validation indices are not training indices): the loss is the plain CE.
+    for loss, ce in model.val_records:
+        assert loss == pytest.approx(ce, abs=1e-6)
+
+
+def test_sanity_check_without_num_samples_does_not_crash() -> None:
+    elr = ELR()
+    _fit_with_validation([elr])
+    assert elr.table.num_samples == 16 and torch.equal(elr.visits, torch.ones(16, dtype=torch.long))
+
+
+def test_outside_training_adds_no_term_and_reads_no_table() -> None:
+    elr = ELR(num_samples=8)
+    ctx = _ctx(torch.randn(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    ctx.training = False
+    assert elr.loss_term(ctx) is None
+    assert not elr.table.is_allocated and ctx.logs == {}
+
+
+# -- the shared teacher ---------------------------------------------------------------------------------------------
+
+
+def test_teacher_runs_once_per_step_for_every_consumer() -> None:
+    from lightning_reg.callbacks.pskd import PSKD
+
+    teacher = StubTeacher()
+    fit([PSKD(teacher="ema"), ELR(teacher="ema"), teacher], max_epochs=1)
+    assert teacher.calls == 4  # one teacher forward per step, shared by PS-KD and ELR
+
+
+# -- semi-supervised: unlabeled samples never touch label-dependent state -------------------------------------------
+
+
+def _masked_loader() -> ResumableDataLoader:
+    """``make_loader()`` with every fourth sample unlabeled (``ignore_index``)."""
+    base = make_dataset(64)
+    y = base.tensors[1].clone()
+    y[::4] = -100
+    ds = IndexedDataset(base, labels=y)
+    return ResumableDataLoader(ds, batch_size=16, sampler=EpochSeededSampler(ds, seed=0, shuffle=True))
+
+
+def test_unlabeled_samples_in_one_loader_match_the_reference_on_labeled_rows() -> None:
+    beta, lam = 0.7, 3.0
+    L.seed_everything(0, verbose=False)
+    net = TinyNet()
+    opt = net.configure_optimizers()
+    target = torch.zeros(64, 4)
+    loader = _masked_loader()
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        for x, y, index in loader:
+            out = net(x)
+            keep = y != -100
+            y_pred = torch.clamp(F.softmax(out, dim=1), 1e-4, 1.0 - 1e-4)[keep]
+            y_pred_ = y_pred.detach()
+            idx = index[keep]
+            target[idx] = beta * target[idx] + (1 - beta) * (y_pred_ / y_pred_.sum(dim=1, keepdim=True))
+            elr_reg = (1 - (target[idx] * y_pred).sum(dim=1)).log().mean()
+            loss = F.cross_entropy(out, y, ignore_index=-100) + lam * elr_reg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    L.seed_everything(0, verbose=False)
+    elr = ELR(beta=beta, lam=lam)
+    _, model = fit([elr], TinyNet(), _masked_loader(), max_epochs=2)
+    labeled = torch.arange(64) % 4 != 0
+    assert torch.equal(elr.seen, labeled)
+    assert torch.equal(elr.visits, torch.where(labeled, 2, 0))
+    assert torch.equal(elr.given_labels, torch.where(labeled, make_dataset(64).tensors[1], -1))
+    torch.testing.assert_close(elr.targets, target, atol=1e-6, rtol=1e-5)
+    for a, b in zip(model.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class _TermProbe(L.Callback):
+    """A loss-stage probe placed after ELR: records ELR's term and the step's logits."""
+
+    def __init__(self) -> None:
+        from lightning_reg.core.protocol import LossRegularizer
+
+        class _Probe(LossRegularizer):
+            name = "probe"
+
+            def __init__(self, steps: list[dict[str, Any]]) -> None:
+                super().__init__()
+                self.steps = steps
+
+            def loss_term(self, ctx: StepContext) -> None:
+                self.steps.append(
+                    {"term": ctx.terms["elr"].detach(), "logits": ctx.logits.detach().clone(), "n": ctx.num_labeled}  # type: ignore[union-attr]
+                )
+
+        self.steps: list[dict[str, Any]] = []
+        self.probe = _Probe(self.steps)
+
+
+def _ssl_loaders(n_l: int = 16, n_u: int = 48) -> CombinedLoader:
+    ds = make_dataset(n_l + n_u)
+    x, y = ds.tensors
+    lab = DataLoader(TensorDataset(x[:n_l], y[:n_l], torch.arange(n_l)), batch_size=4)
+    unl = DataLoader(TensorDataset(x[n_l:], torch.arange(n_l, n_l + n_u)), batch_size=12)
+    return CombinedLoader({"labeled": lab, "unlabeled": unl}, mode="max_size_cycle")
+
+
+def test_combined_loader_uses_the_labeled_part_only() -> None:
+    # A table of the 16 labeled samples only: reading or writing an unlabeled index (16..63) would raise.
+    elr, probe = ELR(beta=0.7, lam=3.0, num_samples=16), _TermProbe()
+    fit([elr, probe.probe], TinyNet(), _ssl_loaders(), max_epochs=1)
+    assert bool(elr.seen.all())
+    assert torch.equal(elr.visits, torch.ones(16, dtype=torch.long))
+    assert len(probe.steps) == 4
+    for s in probe.steps:
+        assert s["n"] == 4 and s["logits"].shape[0] == 16
+        # First visit: t = (1 - beta) p_hat; the term is the mean over the 4 labeled rows only.
+        p = elr_clamped_probs(s["logits"][:4])
+        t = 0.3 * p / p.sum(1, keepdim=True)
+        expected = 3.0 * torch.log1p(-(t * p).sum(1)).mean()
+        torch.testing.assert_close(s["term"], expected)
+
+
+# -- dense and token outputs ------------------------------------------------------------------------------------------
+
+
+def test_dense_outputs_without_a_teacher_refuse_with_the_table_size() -> None:
+    with pytest.raises(ValueError) as info:
+        fit([ELR()], make_model("dense"), make_loader(layout="dense"), max_epochs=1)
+    msg = str(info.value)
+    assert "`ELR(teacher='none')` does not support dense outputs" in msg
+    assert "N × prod(d) × C × bytes = 64 × 64 × 4 × 4 B = 64.0 KiB" in msg
+    assert "ELR(teacher='ema')" in msg and "EMATeacher" in msg
+    with pytest.raises(ValueError, match=r"64 × 8 × 4 × 2 B = 4.0 KiB"):
+        fit([ELR(table_dtype="bfloat16")], make_model("tokens"), make_loader(layout="tokens"), max_epochs=1)
+
+
+def test_per_element_table_formula_reads_like_the_docs() -> None:
+    from lightning_reg.callbacks._per_element import per_element_table_size
+
+    formula, nbytes = per_element_table_size(60000, (28, 28), 11, "float32")
+    assert formula == "N × prod(d) × C × bytes = 60000 × 784 × 11 × 4 B = 1.9 GiB"
+    assert nbytes == 60000 * 784 * 11 * 4
+    formula, _ = per_element_table_size(None, (8,), 5, "bfloat16", topk=2)
+    assert formula.startswith("N × prod(d) × k × (bytes + 2) = N × 8 × 2 × (2 + 2) B")
+
+
+class _ConstTeacher:
+    """A teacher whose logits are the clean input itself (so tests choose its prediction)."""
+
+    def __init__(self, has_updated: bool = True) -> None:
+        self.has_updated = has_updated
+        self.calls = 0
+
+    def teacher_forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x
+
+
+def _naive_dense_term(logits: Tensor, teacher_logits: Tensor, labels: Tensor, lam: float) -> float:
+    """λ · mean over valid (b, h, w) of log(1 − <t, p>), in float64 Python, from the formula."""
+    z, zt = logits.double(), teacher_logits.double()
+    total, count = 0.0, 0
+    b, _, h, w = z.shape
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                if int(labels[i, r, s]) == -100:
+                    continue
+                p = [min(max(v, 1e-4), 1 - 1e-4) for v in torch.softmax(z[i, :, r, s], 0).tolist()]
+                pt = [min(max(v, 1e-4), 1 - 1e-4) for v in torch.softmax(zt[i, :, r, s], 0).tolist()]
+                t = [v / sum(pt) for v in pt]
+                total += math.log(1 - sum(a * q for a, q in zip(t, p)))
+                count += 1
+    return lam * total / count
+
+
+def test_dense_term_uses_the_teacher_without_a_table_and_ignores_unlabeled_pixels() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = (2 * torch.randn(2, 3, 3, 3, generator=g)).requires_grad_()
+    teacher_logits = 2 * torch.randn(2, 3, 3, 3, generator=g)
+    labels = torch.randint(0, 3, (2, 3, 3), generator=g)
+    labels[0, 0, :2] = -100
+    labels[1] = -100  # an image without any label
+    elr, teacher = ELR(lam=3.0, teacher="ema"), _ConstTeacher()
+    elr._teacher = teacher  # type: ignore[assignment]
+    ctx = _ctx(logits, labels, torch.tensor([0, 1]), clean_x=teacher_logits)
+    term = elr.loss_term(ctx)
+    assert term is not None and teacher.calls == 1
+    assert float(term) == pytest.approx(_naive_dense_term(logits.detach(), teacher_logits, labels, 3.0), abs=1e-6)
+    assert not elr.table.is_allocated  # no per-pixel table
+    term.backward()
+    assert logits.grad is not None
+    assert torch.count_nonzero(logits.grad[1]) == 0  # the all-ignored image gets exactly zero gradient
+    assert torch.count_nonzero(logits.grad[0, :, 0, :2]) == 0 and torch.count_nonzero(logits.grad[0]) > 0
+    # Token layout (B, T, C): the same term along the last dimension.
+    tok = logits.detach().movedim(1, -1).reshape(2, 9, 3)
+    tok_teacher = teacher_logits.movedim(1, -1).reshape(2, 9, 3)
+    elr_tok = ELR(lam=3.0, teacher="ema")
+    elr_tok._teacher = _ConstTeacher()  # type: ignore[assignment]
+    ctx_tok = _ctx(tok, labels.reshape(2, 9), torch.tensor([0, 1]), clean_x=tok_teacher)
+    ctx_tok.layout = "channels_last"
+    torch.testing.assert_close(elr_tok.loss_term(ctx_tok), term.detach())
+    with pytest.raises(RuntimeError, match="no per-sample targets for dense outputs"):
+        elr.suspected_labels()
+
+
+def test_dense_term_before_the_teacher_updates_uses_the_students_prediction() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 2, 2, generator=g)
+    labels = torch.randint(0, 3, (2, 2, 2), generator=g)
+    elr, teacher = ELR(lam=1.0, teacher="ema"), _ConstTeacher(has_updated=False)
+    elr._teacher = teacher  # type: ignore[assignment]
+    ctx = _ctx(logits, labels, torch.tensor([0, 1]), clean_x=torch.zeros(2, 3, 2, 2))
+    term = elr.loss_term(ctx)
+    assert teacher.calls == 0
+    assert float(term) == pytest.approx(_naive_dense_term(logits, logits, labels, 1.0), abs=1e-6)  # type: ignore[arg-type]
+
+
+def test_dense_training_with_an_ema_teacher() -> None:
+    from lightning_reg import EMATeacher
+
+    elr = ELR(teacher="ema")
+    trainer, _ = fit([EMATeacher(decay=0.9), elr], make_model("dense"), make_loader(layout="dense"), max_epochs=1)
+    assert float(trainer.callback_metrics["train/loss_elr"]) < 0
+    assert not elr.table.is_allocated and not elr.meta.is_allocated

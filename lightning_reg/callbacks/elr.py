@@ -9,12 +9,19 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from lightning_reg.callbacks._per_element import per_element_table_error
 from lightning_reg.callbacks.mixup import Mixup
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
 from lightning_reg.core.table import PerSampleTable
 from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
-from lightning_reg.functional.elr import elr_clamped_probs, elr_mixed_targets, elr_regularizer, elr_updated_targets
+from lightning_reg.functional.elr import (
+    elr_clamp,
+    elr_mixed_targets,
+    elr_regularizer,
+    elr_teacher_targets,
+    elr_updated_targets,
+)
 from lightning_reg.metrics.noise import SuspectedLabels, label_noise_scores, suspected_mislabeled, write_suspected_csv
 
 __all__ = ["ELR"]
@@ -51,9 +58,9 @@ class ELR(LossRegularizer):
     **ELR+ extensions** (off by default; Liu et al., Sec. 4.2 and Appendix):
 
     * ``teacher="ema"``: the target update uses the predictions of the
-      :class:`~lightning_reg.EMATeacher` (its ``teacher_forward``) on the
-      un-mixed input ``ctx.extras["clean_x"]``, instead of the student's own.
-      Until the teacher's first update (its ``has_updated`` is ``False``) the
+      :class:`~lightning_reg.EMATeacher` on the un-mixed input (``ctx.teacher_probs``: one teacher
+      forward per step, shared with every other consumer such as PS-KD or consistency), instead of
+      the student's own. Until the teacher's first update (its ``has_updated`` is ``False``) the
       student's predictions are used.
     * ``lam_schedule="sigmoid_rampup"`` (any shared schedule) ramps
       :math:`\lambda_t = \lambda \cdot s(\text{step or epoch}, \text{ramp\_length})`.
@@ -65,6 +72,29 @@ class ELR(LossRegularizer):
       requires ``teacher="ema"`` (a clear error at ``setup`` otherwise).
       Before the teacher's first update, the clean predictions then come from
       one extra no-grad forward pass of the student.
+
+    **Training steps only.** Only training steps (``ctx.training``) read or write the table. Called from
+    ``validation_step``/``test_step`` or during the sanity check (``regularized_loss`` there), ELR adds no
+    term (``None``) and touches nothing: validation indices are not training indices, so reading the table
+    by them would be meaningless. The table is allocated at the first training step, so ``num_samples`` may
+    be left to inference even when the sanity check runs the pipeline.
+
+    **Unlabeled samples** (semi-supervised batches; labels equal to ``ignore_index``) never touch the
+    table, the visit counts or the stored labels, and the term is the mean over the *labelled* samples.
+    A ``CombinedLoader`` batch (``ctx.num_labeled`` rows labeled, first) is sliced statically; in a single
+    loader the unlabeled rows are masked (no host sync). The table then only needs the labeled samples'
+    indices (e.g. ``num_samples`` = the labeled set's size when they come first).
+
+    **Dense outputs** (``(B, C, *d)`` segmentation, ``(B, T, C)`` tokens) need ``teacher="ema"``: a
+    per-element table does not fit (``N × prod(d) × C`` values), so no per-sample table is kept and each
+    element's target is the EMA teacher's clamped, normalised prediction
+    :math:`t_e = \hat p^{\mathrm{teacher}}_e / \sum_c \hat p^{\mathrm{teacher}}_{ec}` (ELR+-style: the
+    teacher's weights are the temporal ensemble). The term is
+    :math:`\lambda_t \cdot \frac{1}{|V|}\sum_{e \in V} \log(1 - \langle t_e, p_e\rangle)` over the labelled
+    elements :math:`V`; ignored pixels, padding tokens and unlabeled images add nothing and get zero
+    gradient. Until the teacher's first update the student's own detached prediction is the target.
+    ``teacher="none"`` on dense outputs raises at the first step with the table size it would need.
+    The diagnostics (:meth:`suspected_labels`, ...) need the table, so they are classification-only.
 
     Args:
         beta: The temporal-ensembling momentum :math:`\beta \in [0, 1)`; the paper uses 0.7 (CIFAR-10
@@ -98,7 +128,8 @@ class ELR(LossRegularizer):
     ``train/loss_elr``      the ELR term (negative; logged by the mixin)
     ``train/loss_base``     the cross-entropy (logged by the mixin)
     ``elr/lam``             the current weight :math:`\lambda_t`
-    ``elr/disagreement``    fraction of the batch whose target argmax differs from the given label
+    ``elr/disagreement``    fraction of the labelled samples (elements) whose target argmax differs
+                            from the given label
     =====================  =======================================================================
 
     Example:
@@ -116,6 +147,8 @@ class ELR(LossRegularizer):
     name = "elr"
     stage = "loss"
     requires_index = True
+    #: Dense outputs only with ``teacher="ema"`` (see :meth:`check_layout`).
+    layouts = frozenset({"classification", "dense"})
     version = 1
 
     def __init__(
@@ -206,59 +239,115 @@ class ELR(LossRegularizer):
         self.meta.allocate(n, 2, device=ctx.logits.device)
         self._ready = True
 
-    def _update_probs(self, ctx: StepContext) -> Tensor:
-        """Detached, clamped predictions on the clean inputs, which update the targets."""
-        assert ctx.logits is not None
-        mixed = "mixup" in ctx.extras
-        if self._teacher is not None and getattr(self._teacher, "has_updated", True):
-            clean_x = ctx.extras.get("clean_x")
-            if clean_x is None:
-                raise ValueError(
-                    "`ELR(teacher='ema')` runs the teacher on the batch input, but none was given. In your own"
-                    " `training_step`, call `self.regularized_loss(logits, y, index, x=x)`."
-                )
-            return elr_clamped_probs(self._teacher.teacher_forward(clean_x).detach())
-        if mixed:
+    def check_layout(self, ctx: StepContext) -> None:
+        """Refuse dense outputs with ``teacher="none"``: say the per-element table size and the fix."""
+        if ctx.is_dense and self.teacher == "none":
+            raise per_element_table_error(
+                "ELR(teacher='none')",
+                ctx,
+                self.num_samples or self.table.num_samples,
+                "temporal-ensemble targets",
+                "Use `ELR(teacher='ema')` with an `EMATeacher` in the callbacks (e.g. `callbacks=[EMATeacher("
+                "decay=0.999), ELR(teacher='ema')]`): on dense outputs its target is the EMA teacher's per-element"
+                " prediction (ELR+'s temporal ensemble), with no table.",
+                dtype=self.table_dtype,
+                topk=self.topk,
+            )
+        super().check_layout(ctx)
+
+    def _clean_probs(self, ctx: StepContext) -> Tensor:
+        """Detached fp32 predictions on the clean input: the teacher's once it has updated, else the student's."""
+        teacher = self._teacher
+        if teacher is not None and getattr(teacher, "has_updated", True):
+            ctx.clean_input("ELR(teacher='ema')")  # a clear error if no input was given
+            return ctx.teacher_probs(teacher)
+        if "mixup" in ctx.extras:
             if self.teacher == "none":
                 raise RuntimeError(
                     "`ELR` got a mixed batch (`ctx.extras['mixup']`) but has no teacher for predictions on the clean"
                     " inputs. Use `ELR(teacher='ema')` with an `EMATeacher`."
                 )
-            with torch.no_grad():  # before the teacher's first update: the student on the clean input
-                return elr_clamped_probs(ctx.module(ctx.extras["clean_x"]).detach())
-        return elr_clamped_probs(ctx.logits.detach())
+            return ctx.student_clean_probs("ELR")  # before the teacher's first update: the student, clean input
+        return ctx.probs()
 
-    def loss_term(self, ctx: StepContext) -> Tensor:
-        index = ctx.require_index(type(self).__name__)
-        trainer = ctx.module.trainer
-        self._allocate(trainer, ctx)
+    def loss_term(self, ctx: StepContext) -> Tensor | None:
+        if not ctx.training:
+            # Sanity check, validation, test: no term, and the table is neither read nor written (the batch's
+            # indices are not training indices).
+            return None
         assert ctx.logits is not None
+        trainer = ctx.module.trainer
+        lam_t = self.current_lam(trainer)
+        ctx.logs[f"{self.name}/lam"] = lam_t
+        if ctx.is_dense:
+            return self._dense_term(ctx, lam_t)
+        return self._table_term(ctx, lam_t, trainer)
+
+    def _table_term(self, ctx: StepContext, lam_t: float, trainer: Trainer) -> Tensor:
+        """Classification: update the labelled samples' rows, then the term over the labelled samples."""
+        assert ctx.logits is not None
+        index = ctx.require_index(type(self).__name__)
+        self._allocate(trainer, ctx)
         strategy = trainer.strategy
-        old, _ = self.table.read(index, device=ctx.logits.device)
-        meta, _ = self.meta.read(index, device=ctx.logits.device)
+        logits, given = ctx.logits, ctx.given_labels
+        probs = elr_clamp(self._clean_probs(ctx))
+        n, batch = ctx.num_labeled, ctx.batch_size
+        part = n is not None and n < batch
+        if part:  # a semi-supervised batch: the labeled rows come first (a static slice, no host sync)
+            index, logits, probs, given = index[:n], logits[:n], probs[:n], given[:n]
+        keep = given != ctx.ignore_index  # unlabeled samples of a single loader carry `ignore_index`
+        dev = logits.device
+        old, _ = self.table.read(index, device=dev)
+        meta, _ = self.meta.read(index, device=dev)
         visits = meta[:, 1]
         if self._compact:  # stored normalised: t = (1 - beta^n) * t_hat / sum(t_hat)
             scale = (1.0 - torch.pow(self.beta, visits)) / old.sum(dim=-1).clamp_min(1e-12)
             old = old * scale.unsqueeze(-1)
-        new = elr_updated_targets(old, self._update_probs(ctx), self.beta)
+        new = elr_updated_targets(old, probs, self.beta)
         stored = new / new.sum(dim=-1, keepdim=True) if self._compact else new
-        self.table.write(index, stored, strategy=strategy)
-        counted = torch.isfinite(new).all(dim=-1).to(visits.dtype)  # the table keeps the old row of a non-finite one
-        self.meta.write(index, torch.stack([ctx.given_labels.to(new), visits + counted], dim=-1), strategy=strategy)
-        target = new
+        # Rows with a non-finite value are not written (PerSampleTable.write): NaN rows skip unlabeled samples.
+        skip = torch.full((), float("nan"), device=dev)
+        self.table.write(index, torch.where(keep[:, None], stored, skip), strategy=strategy)
+        counted = (torch.isfinite(new).all(dim=-1) & keep).to(visits.dtype)  # the table keeps a non-finite row's old
+        rows = torch.stack([given.to(new), visits + counted], dim=-1)
+        self.meta.write(index, torch.where(keep[:, None], rows, skip), strategy=strategy)
+        target = torch.where(keep[:, None], new, torch.zeros((), device=dev))  # unlabeled rows have no target
         mix = ctx.extras.get("mixup")
         if mix is not None:
             perm, mix_lam = mix
-            target = elr_mixed_targets(new, perm, mix_lam)
-        lam_t = self.current_lam(trainer)
-        ctx.logs[f"{self.name}/lam"] = lam_t
-        ctx.logs[f"{self.name}/disagreement"] = (new.argmax(dim=-1) != ctx.given_labels).float().mean()
-        return elr_regularizer(ctx.logits, target, lam=lam_t)
+            if part:  # a labeled row mixed with an unlabeled one mixes with a zero target
+                assert n is not None
+                full = torch.cat([target, target.new_zeros(batch - n, target.shape[1])])
+                target = elr_mixed_targets(full, perm, mix_lam)[:n]
+            else:
+                target = elr_mixed_targets(target, perm, mix_lam)
+        disagree = (new.argmax(dim=-1) != given) & keep
+        ctx.logs[f"{self.name}/disagreement"] = disagree.float().sum() / keep.sum().clamp_min(1)
+        return elr_regularizer(logits, target, lam=lam_t, valid=keep)
+
+    def _dense_term(self, ctx: StepContext, lam_t: float) -> Tensor:
+        """Dense outputs: the EMA teacher's per-element prediction is the target; no table (ELR+-style)."""
+        assert ctx.logits is not None
+        self.check_layout(ctx)  # teacher="none" refuses (also when called outside the pipeline)
+        dim = ctx.class_dim
+        target = elr_teacher_targets(self._clean_probs(ctx), dim=dim)
+        mix = ctx.extras.get("mixup")
+        if mix is not None:
+            perm, mix_lam = mix
+            target = elr_mixed_targets(target, perm, mix_lam)
+        valid = ctx.valid
+        disagree = (target.argmax(dim=dim) != ctx.given_labels) & valid
+        ctx.logs[f"{self.name}/disagreement"] = disagree.float().sum() / valid.sum().clamp_min(1)
+        return elr_regularizer(ctx.logits, target, lam=lam_t, dim=dim, valid=valid)
 
     # -- diagnostics ----------------------------------------------------------
     def _require_table(self) -> None:
         if not self.table.is_allocated or not self.meta.is_allocated:
-            raise RuntimeError("`ELR` has no targets yet: train (or load a checkpoint) first.")
+            raise RuntimeError(
+                "`ELR` has no targets yet: train (or load a checkpoint) first. It keeps no per-sample targets for"
+                " dense outputs (their targets come from the EMA teacher), so these diagnostics are"
+                " classification-only."
+            )
 
     @property
     def targets(self) -> Tensor:

@@ -9,6 +9,10 @@ Per training step, for the batch's samples ``i``:
 2. ``t_i <- β t_i + (1 - β) p̂_i / Σ_c p̂_ic`` with ``p̂ = p`` detached (``t`` starts at zero);
 3. the loss adds ``λ · mean_i log(1 - <t_i, p_i>)``; the gradient flows through ``p`` only.
 
+On dense outputs (``(B, C, *d)`` segmentation, ``(B, T, C)`` tokens) there is no per-element table: the target
+of each element is an EMA teacher's clamped, normalised prediction (:func:`elr_teacher_targets`, ELR+'s temporal
+ensemble held in the teacher's weights) and the mean runs over the labelled elements (``valid``).
+
 The term is negative (``log`` of a number in ``(0, 1]``), so the total loss
 goes negative as the model agrees with its targets; do not early-stop on it.
 """
@@ -22,9 +26,11 @@ from torch import Tensor
 
 __all__ = [
     "ELR_CLAMP",
+    "elr_clamp",
     "elr_clamped_probs",
     "elr_mixed_targets",
     "elr_regularizer",
+    "elr_teacher_targets",
     "elr_update_targets_",
     "elr_updated_targets",
 ]
@@ -33,7 +39,7 @@ __all__ = [
 ELR_CLAMP = 1e-4
 
 
-def elr_clamped_probs(logits: Tensor, eps: float = ELR_CLAMP) -> Tensor:
+def elr_clamped_probs(logits: Tensor, eps: float = ELR_CLAMP, dim: int = -1) -> Tensor:
     r"""The clamped softmax ELR works with, in fp32.
 
     .. math:: p = \mathrm{clamp}(\mathrm{softmax}(z),\ \epsilon,\ 1 - \epsilon), \qquad \epsilon = 10^{-4}
@@ -43,14 +49,52 @@ def elr_clamped_probs(logits: Tensor, eps: float = ELR_CLAMP) -> Tensor:
     reference code).
 
     Args:
-        logits: ``(B, C)`` logits, any float dtype (computed in fp32).
+        logits: ``(B, C)`` logits (or ``(B, C, *d)`` with ``dim=1``), any float dtype (computed in fp32).
         eps: The clamp ``ε``.
+        dim: The class dimension.
 
     Example:
         >>> elr_clamped_probs(torch.tensor([[0.0, 20.0]]))
         tensor([[1.0000e-04, 9.9990e-01]])
     """
-    return torch.softmax(logits.float(), dim=-1).clamp(eps, 1.0 - eps)
+    return elr_clamp(torch.softmax(logits.float(), dim=dim), eps)
+
+
+def elr_clamp(probs: Tensor, eps: float = ELR_CLAMP) -> Tensor:
+    """Clamp probabilities (e.g. a shared, already computed softmax) to ``[ε, 1 - ε]`` in fp32, as ELR does.
+
+    Example:
+        >>> elr_clamp(torch.tensor([[0.0, 1.0]]))
+        tensor([[1.0000e-04, 9.9990e-01]])
+    """
+    return probs.float().clamp(eps, 1.0 - eps)
+
+
+def elr_teacher_targets(probs: Tensor, dim: int = -1, eps: float = ELR_CLAMP) -> Tensor:
+    r"""ELR's target on dense outputs: the teacher's clamped prediction, normalised (no per-element table).
+
+    .. math::
+
+        t_e = \frac{\hat p_e}{\sum_c \hat p_{ec}}, \qquad
+        \hat p_e = \mathrm{clamp}(p^{\mathrm{teacher}}_e, \epsilon, 1 - \epsilon)
+
+    ELR+ (Liu et al., https://arxiv.org/abs/2007.00151, Sec. 4.2) forms its targets from an EMA teacher's
+    predictions; the teacher's weights are themselves a temporal ensemble, so on dense outputs, where a
+    per-element table does not fit, its current prediction serves as the target directly.
+
+    Args:
+        probs: Teacher probabilities with the classes along ``dim`` (detached here).
+        dim: The class dimension.
+        eps: The clamp ``ε``.
+
+    Example:
+        >>> elr_teacher_targets(torch.tensor([[0.0, 1.0]]))
+        tensor([[1.0000e-04, 9.9990e-01]])
+        >>> elr_teacher_targets(torch.tensor([[[0.5], [0.5]]]), dim=1).flatten().tolist()  # (B, C, T) layout
+        [0.5, 0.5]
+    """
+    p = elr_clamp(probs.detach(), eps)
+    return p / p.sum(dim=dim, keepdim=True)
 
 
 def elr_updated_targets(targets: Tensor, probs: Tensor, beta: float) -> Tensor:
@@ -133,7 +177,13 @@ def elr_mixed_targets(targets: Tensor, perm: Tensor, lam: float | Tensor) -> Ten
 
 
 def elr_regularizer(
-    logits: Tensor, targets: Tensor, lam: float | Tensor = 1.0, reduction: Literal["mean", "sum", "none"] = "mean"
+    logits: Tensor,
+    targets: Tensor,
+    lam: float | Tensor = 1.0,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    *,
+    dim: int = -1,
+    valid: Tensor | None = None,
 ) -> Tensor:
     r"""The ELR term: :math:`\lambda \cdot \frac1B \sum_i \log\left(1 - \langle t_i, p_i \rangle\right)`.
 
@@ -148,11 +198,17 @@ def elr_regularizer(
     :math:`\frac{\lambda}{B}\, p_{ij}\,(\langle t_i, p_i\rangle - t_{ij}) / (1 - \langle t_i, p_i\rangle)`,
     which pulls :math:`p_i` towards :math:`t_i`. The term is at most zero.
 
+    With ``valid`` the sum and the mean run over the valid rows (or elements) only: the others add
+    nothing and get exactly zero gradient. Dense outputs (``(B, C, *d)`` with ``dim=1``) work the same,
+    per element.
+
     Args:
-        logits: ``(B, C)`` logits (any float dtype; computed in fp32).
-        targets: ``(B, C)`` ELR targets (e.g. from :func:`elr_updated_targets`); detached.
+        logits: ``(B, C)`` logits (any float dtype; computed in fp32), or ``(B, C, *d)`` / ``(B, *d, C)``.
+        targets: ELR targets of the logits' shape (e.g. from :func:`elr_updated_targets`); detached.
         lam: The weight :math:`\lambda` (the paper uses 3 for CIFAR-10 symmetric noise).
-        reduction: ``"mean"`` (the paper), ``"sum"`` or ``"none"`` (per sample, times ``λ``).
+        reduction: ``"mean"`` (the paper), ``"sum"`` or ``"none"`` (per sample, times ``λ``; zero where invalid).
+        dim: The class dimension.
+        valid: Optional boolean mask of the logits' shape without ``dim`` (e.g. labelled samples or pixels).
 
     Returns:
         The fp32 term.
@@ -166,12 +222,17 @@ def elr_regularizer(
         >>> term.backward()
         >>> z.grad
         tensor([[ 0.0833, -0.0833]])
+        >>> # only the labelled rows count (a mean over one row here): log(1 - 0.5)
+        >>> elr_regularizer(torch.zeros(2, 2), torch.full((2, 2), 0.5), valid=torch.tensor([True, False]))
+        tensor(-0.6931)
     """
-    p = elr_clamped_probs(logits)
-    inner = (targets.detach().float() * p).sum(dim=-1)
+    p = elr_clamped_probs(logits, dim=dim)
+    inner = (targets.detach().float() * p).sum(dim=dim)
     reg = torch.log1p(-inner) * lam
+    if valid is not None:
+        reg = torch.where(valid, reg, torch.zeros((), device=reg.device))
     if reduction == "mean":
-        return reg.mean()
+        return reg.mean() if valid is None else reg.sum() / valid.sum().clamp_min(1)
     if reduction == "sum":
         return reg.sum()
     return reg
