@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -12,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.pskd import PSKD
 from lightning_reg.core.protocol import LossRegularizer, StepContext, soft_cross_entropy
-from lightning_reg.data import IndexedDataset, ResumableDataLoader
+from lightning_reg.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader
 from lightning_reg.functional.label_smoothing import label_smoothing_targets
 from lightning_reg.functional.pskd import pskd_alpha, pskd_soft_targets, target_entropy
 from tests.helpers import NUM_CLASSES, TinyNet, assert_state_equal, fit, make_dataset, make_loader, run_ddp_script
@@ -402,3 +404,217 @@ def test_ddp_table_equals_single_process_with_padding(tmp_path: Path) -> None:
     assert torch.equal(tables[0]["values"], tables[1]["values"])
     torch.testing.assert_close(tables[0]["values"], single["values"], atol=1e-6, rtol=1e-5)
     assert torch.equal(tables[0]["seen"], single["seen"])
+
+
+# -- training only -------------------------------------------------------------------------------------------
+def _ctx(logits: Tensor, labels: Tensor, index: Tensor | None, epoch: int = 1, **extras: Any) -> StepContext:
+    trainer = SimpleNamespace(strategy=None, global_step=0, current_epoch=epoch, max_epochs=4)
+    ctx = StepContext(
+        module=SimpleNamespace(trainer=trainer),  # type: ignore[arg-type]
+        x=None,
+        labels=labels,
+        given_labels=labels,
+        index=index,
+        logits=logits,
+    )
+    ctx.extras.update(extras)
+    return ctx
+
+
+def test_outside_training_the_target_and_table_are_left_alone() -> None:
+    cb = PSKD(num_samples=8)
+    ctx = _ctx(torch.randn(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    ctx.training = False
+    cb.refine_target(ctx)
+    assert ctx.target is None and not cb.table.is_allocated and ctx.logs == {}
+
+
+def test_sanity_check_without_num_samples_and_validation_leave_the_table_alone() -> None:
+    from tests.helpers import StepSeed, trainer_kwargs
+
+    cb, ref = PSKD(), PSKD()
+    L.seed_everything(0, verbose=False)
+    model = _ValLoss()
+    trainer = L.Trainer(callbacks=[cb, StepSeed()], **trainer_kwargs(max_epochs=2, num_sanity_val_steps=2))
+    trainer.fit(model, train_dataloaders=make_loader(), val_dataloaders=make_loader(32, batch_size=8, seed=1))
+    L.seed_everything(0, verbose=False)
+    fit([ref], TinyNet(), max_epochs=2)
+    assert_state_equal(cb.state_dict(), ref.state_dict())
+
+
+# -- semi-supervised: unlabeled samples never touch the table or their target ----------------------------------
+def _masked_loader() -> ResumableDataLoader:
+    """``make_loader()`` with every fourth sample unlabeled (``ignore_index``)."""
+    base = make_dataset(64)
+    y = base.tensors[1].clone()
+    y[::4] = -100
+    ds = IndexedDataset(base, labels=y)
+    return ResumableDataLoader(ds, batch_size=16, sampler=EpochSeededSampler(ds, seed=0, shuffle=True))
+
+
+def _labeled_onehot(y: Tensor) -> Tensor:
+    return F.one_hot(y.clamp_min(0), NUM_CLASSES).float() * (y != -100).unsqueeze(1)
+
+
+def test_unlabeled_samples_in_one_loader_leave_the_table_and_their_target_untouched() -> None:
+    rec, cb = Recorder(), PSKD(alpha_T=0.8)
+    fit([cb, rec], TinyNet(), _masked_loader(), max_epochs=2)
+    labeled = torch.arange(64) % 4 != 0
+    assert cb.table.seen is not None and torch.equal(cb.table.seen, labeled)
+    assert torch.count_nonzero(cb.table.dense()[~labeled]) == 0
+    for s in rec.steps:
+        keep = s["labels"] != -100
+        alpha = s["logs"]["pskd/alpha"]
+        # Unlabeled rows keep the current target (the zero row of an ignored label): the base loss skips them.
+        assert torch.count_nonzero(s["target"][~keep]) == 0
+        if s["epoch"] == 1:
+            last = _last_predictions([t for t in rec.steps if t["step"] < s["step"]], 1)
+            prev = torch.stack([last[i] for i in s["index"][keep].tolist()])
+            expected = (1 - alpha) * _labeled_onehot(s["labels"][keep]) + alpha * prev
+            torch.testing.assert_close(s["target"][keep], expected)
+            ref = soft_cross_entropy(s["logits"], s["target"], valid=keep)
+            assert s["base"] == pytest.approx(float(ref), rel=1e-5)
+            h = torch.special.entr(expected).sum(1).mean()
+            assert s["logs"]["pskd/target_entropy"] == pytest.approx(float(h), rel=1e-5)
+
+
+def _ssl_loaders(n_l: int = 16, n_u: int = 48) -> CombinedLoader:
+    ds = make_dataset(n_l + n_u)
+    x, y = ds.tensors
+    lab = DataLoader(TensorDataset(x[:n_l], y[:n_l], torch.arange(n_l)), batch_size=4)
+    unl = DataLoader(TensorDataset(x[n_l:], torch.arange(n_l, n_l + n_u)), batch_size=12)
+    return CombinedLoader({"labeled": lab, "unlabeled": unl}, mode="max_size_cycle")
+
+
+def test_combined_loader_uses_the_labeled_part_only() -> None:
+    # A table of the 16 labeled samples only: reading or writing an unlabeled index (16..63) would raise.
+    rec, cb = Recorder(), PSKD(alpha_T=0.8, num_samples=16)
+    fit([cb, rec], TinyNet(), _ssl_loaders(), max_epochs=2)
+    assert cb.table.seen is not None and bool(cb.table.seen.all())
+    assert len(rec.steps) == 8
+    for s in rec.steps:
+        assert s["target"].shape == (16, NUM_CLASSES)
+        assert torch.count_nonzero(s["target"][4:]) == 0  # the unlabeled rows' target is untouched
+        if s["epoch"] == 1:
+            last = _last_predictions([t for t in rec.steps if t["step"] < s["step"]], 1)
+            prev = torch.stack([last[i] for i in s["index"][:4].tolist()])
+            alpha = s["logs"]["pskd/alpha"]
+            torch.testing.assert_close(s["target"][:4], (1 - alpha) * _onehot(s["labels"][:4]) + alpha * prev)
+
+
+# -- dense and token outputs ------------------------------------------------------------------------------------
+def test_dense_outputs_with_the_self_teacher_refuse_with_the_table_size() -> None:
+    from tests.helpers import make_model
+
+    with pytest.raises(ValueError) as info:
+        fit([PSKD()], make_model("dense"), make_loader(layout="dense"), max_epochs=1)
+    msg = str(info.value)
+    assert "`PSKD(teacher='self')` does not support dense outputs" in msg
+    assert "N × prod(d) × C × bytes = 64 × 64 × 4 × 4 B = 64.0 KiB" in msg
+    assert "PSKD(teacher='ema')" in msg and "EMATeacher" in msg
+    with pytest.raises(ValueError, match=r"N × prod\(d\) × k × \(bytes \+ 2\) = 64 × 8 × 2 × \(4 \+ 2\) B = 6.0 KiB"):
+        fit([PSKD(topk=2)], make_model("tokens"), make_loader(layout="tokens"), max_epochs=1)
+
+
+class _LogitsTeacher:
+    """A teacher whose logits are the clean input itself."""
+
+    def __init__(self, has_updated: bool = True) -> None:
+        self.has_updated = has_updated
+        self.calls = 0
+
+    def teacher_forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x
+
+
+def _naive_dense_target(teacher_logits: Tensor, labels: Tensor, alpha: float) -> Tensor:
+    """q = (1 - α) one_hot(y) + α softmax(teacher) per labelled pixel; ignored pixels keep the zero row (float64)."""
+    b, c, h, w = teacher_logits.shape
+    out = torch.zeros(b, c, h, w, dtype=torch.float64)
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                y = int(labels[i, r, s])
+                if y == -100:
+                    continue
+                e = [math.exp(v) for v in teacher_logits[i, :, r, s].double().tolist()]
+                for k in range(c):
+                    out[i, k, r, s] = (1 - alpha) * (k == y) + alpha * e[k] / sum(e)
+    return out
+
+
+def test_dense_target_uses_the_ema_teacher_without_a_table() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 3, 3, generator=g)
+    teacher_logits = 2 * torch.randn(2, 3, 3, 3, generator=g)
+    labels = torch.randint(0, 3, (2, 3, 3), generator=g)
+    labels[0, 1, :2] = -100
+    labels[1] = -100
+    cb, teacher = PSKD(alpha_T=0.8, teacher="ema"), _LogitsTeacher()
+    cb._teacher = teacher  # type: ignore[assignment]
+    ctx = _ctx(logits, labels, None, epoch=1, clean_x=teacher_logits)  # no index needed: no table
+    cb.refine_target(ctx)
+    alpha = 0.8 * 2 / 4
+    assert ctx.logs["pskd/alpha"] == pytest.approx(alpha) and teacher.calls == 1
+    assert ctx.target is not None
+    torch.testing.assert_close(ctx.target.double(), _naive_dense_target(teacher_logits, labels, alpha))
+    assert not cb.table.is_allocated
+    # Token layout (B, T, C): the same target along the last dimension.
+    cb_tok = PSKD(alpha_T=0.8, teacher="ema")
+    cb_tok._teacher = _LogitsTeacher()  # type: ignore[assignment]
+    tok = _ctx(
+        logits.movedim(1, -1).reshape(2, 9, 3),
+        labels.reshape(2, 9),
+        None,
+        epoch=1,
+        clean_x=teacher_logits.movedim(1, -1).reshape(2, 9, 3),
+    )
+    tok.layout = "channels_last"
+    cb_tok.refine_target(tok)
+    torch.testing.assert_close(tok.target, ctx.target.movedim(1, -1).reshape(2, 9, 3))  # type: ignore[union-attr]
+    # Before the teacher's first update the target stays the hard label (as an unseen sample's).
+    idle_cb, idle = PSKD(teacher="ema"), _LogitsTeacher(has_updated=False)
+    idle_cb._teacher = idle  # type: ignore[assignment]
+    ctx_idle = _ctx(logits, labels, None, clean_x=teacher_logits)
+    ctx_idle.x = teacher_logits  # no input-stage change
+    idle_cb.refine_target(ctx_idle)
+    assert idle.calls == 0 and (ctx_idle.target is None or torch.equal(ctx_idle.target, ctx_idle.one_hot()))
+
+
+def test_an_all_ignored_image_gets_zero_gradient_from_elr_and_pskd() -> None:
+    """Label-dependent terms: PS-KD's target q = (1 - α) one_hot(y) + α p_teacher (through the base soft CE).
+
+    ELR's dense term with a teacher does not read the labels' values, but it is a mean over the labelled
+    elements only, so an image without labels gets exactly zero gradient from it too.
+    """
+    from lightning_reg.callbacks.elr import ELR
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 4, 4, generator=g).requires_grad_()
+    teacher_logits = torch.randn(2, 3, 4, 4, generator=g)
+    labels = torch.randint(0, 3, (2, 4, 4), generator=g)
+    labels[1] = -100
+    pskd, elr = PSKD(alpha_T=0.8, teacher="ema"), ELR(lam=3.0, teacher="ema")
+    pskd._teacher = elr._teacher = _LogitsTeacher()  # type: ignore[assignment]
+    ctx = _ctx(logits, labels, torch.tensor([0, 1]), epoch=3, clean_x=teacher_logits)
+    pskd.refine_target(ctx)
+    assert ctx.target is not None
+    base = soft_cross_entropy(logits, ctx.target, dim=1, valid=ctx.valid)
+    for term in (base, elr.loss_term(ctx)):
+        assert term is not None
+        (grad,) = torch.autograd.grad(term, logits)
+        assert torch.count_nonzero(grad[1]) == 0
+        assert torch.count_nonzero(grad[0]) > 0
+
+
+def test_dense_training_with_an_ema_teacher() -> None:
+    from lightning_reg import EMATeacher
+    from tests.helpers import make_model
+
+    for layout in ("dense", "tokens"):
+        cb = PSKD(teacher="ema")
+        trainer, _ = fit([EMATeacher(decay=0.9), cb], make_model(layout), make_loader(layout=layout), max_epochs=2)
+        assert math.isfinite(float(trainer.callback_metrics["pskd/target_entropy"]))
+        assert float(trainer.callback_metrics["pskd/target_entropy"]) > 0
+        assert not cb.table.is_allocated

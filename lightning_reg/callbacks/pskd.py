@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from lightning_reg.callbacks._per_element import per_element_table_error
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
 from lightning_reg.core.table import PerSampleTable
@@ -42,13 +43,29 @@ class PSKD(LossRegularizer):
     ranks, vectorised, ``DistributedSampler`` padding handled). A sample never
     seen before (the whole first epoch, or a sample ``drop_last`` skipped) gets
     its hard label (``torch.where``, no host sync); the reference instead
-    writes one-hot rows in epoch 0, which is the same target. Outside the
-    training loop (e.g. ``regularized_loss`` called in ``validation_step``)
-    PS-KD leaves the target and the table alone.
+    writes one-hot rows in epoch 0, which is the same target.
+
+    **Training steps only.** Outside training steps (``ctx.training`` is ``False``: the sanity check,
+    ``regularized_loss`` called in ``validation_step`` or ``test_step``) PS-KD leaves the target and the
+    table alone, and reads nothing by index (those indices are not training indices).
+
+    **Unlabeled samples** (semi-supervised batches; labels equal to ``ignore_index``) keep their target
+    and never touch the table: only labelled rows are refined and stored. A ``CombinedLoader`` batch
+    (``ctx.num_labeled`` labeled rows first) is sliced statically; in a single loader the unlabeled rows
+    are masked (no host sync). The base loss ignores unlabeled rows anyway.
+
+    **Dense outputs** (``(B, C, *d)`` segmentation, ``(B, T, C)`` tokens) need ``teacher="ema"``: a
+    per-element table of previous predictions does not fit (``N × prod(d) × C`` values), so no table is
+    kept and the EMA teacher's current per-element prediction on the clean input stands in for the
+    previous one: :math:`q_e = (1 - \alpha_t)\, y_e + \alpha_t\, p^{\mathrm{teacher}}_e` for every labelled
+    element (ignored elements keep their target; the base loss skips them). Until the teacher's first
+    update the target is the hard label, as for an unseen sample. ``teacher="self"`` on dense outputs
+    raises at the first step with the table size it would need.
 
     **Extension (not the paper).** ``teacher="ema"`` stores the prediction of an
     :class:`~lightning_reg.EMATeacher` (any callback with ``teacher_forward``)
-    on the clean input (``ctx.extras["clean_x"]``) instead of the student's.
+    on the clean input instead of the student's (``ctx.teacher_probs``: one teacher forward per step,
+    shared with every other consumer, e.g. ELR).
     Until the teacher's first update (its ``has_updated`` is ``False``) the
     student's prediction is stored, unless an input-stage regularizer changed
     the student's input, in which case the teacher is used from the start.
@@ -90,7 +107,7 @@ class PSKD(LossRegularizer):
 
     ===========================  ==========================================================
     ``pskd/alpha``                ``α_t``
-    ``pskd/target_entropy``       mean entropy (nats) of PS-KD's soft targets in the batch
+    ``pskd/target_entropy``       mean entropy (nats) of the labelled samples' (elements') targets
     ``train/loss_base``           the soft-target cross-entropy (logged by the mixin)
     ===========================  ==========================================================
 
@@ -110,6 +127,8 @@ class PSKD(LossRegularizer):
     name = "pskd"
     stage = "target"
     requires_index = True
+    #: Dense outputs only with ``teacher="ema"`` (see :meth:`check_layout`).
+    layouts = frozenset({"classification", "dense"})
     version = 1
 
     def __init__(
@@ -193,45 +212,93 @@ class PSKD(LossRegularizer):
         return alpha
 
     # -- the target stage -------------------------------------------------------
-    def _ensure_table(self, trainer: Trainer, logits: Tensor) -> None:
+    def check_layout(self, ctx: StepContext) -> None:
+        """Refuse dense outputs with ``teacher="self"``: say the per-element table size and the fix."""
+        if ctx.is_dense and self.teacher == "self":
+            raise per_element_table_error(
+                "PSKD(teacher='self')",
+                ctx,
+                self.num_samples or self.table.num_samples,
+                "previous predictions",
+                "Use `PSKD(teacher='ema')` with an `EMATeacher` in the callbacks (e.g. `callbacks=[EMATeacher("
+                "decay=0.999), PSKD(teacher='ema')]`): on dense outputs the EMA teacher's per-element prediction"
+                " stands in for the previous one, with no table.",
+                dtype=self.table_dtype,
+                topk=self.topk,
+            )
+        super().check_layout(ctx)
+
+    def _ensure_table(self, trainer: Trainer, ctx: StepContext) -> None:
         if self._placed:
             return
+        assert ctx.logits is not None
         n = self.num_samples if self.num_samples is not None else infer_num_samples(trainer, "PSKD")
-        self.table.allocate(n, int(logits.shape[-1]), device=logits.device)
+        self.table.allocate(n, ctx.num_classes, device=ctx.logits.device)
         self._placed = True
+
+    def _teacher_ready(self, ctx: StepContext) -> bool:
+        teacher = self._teacher
+        if self.teacher != "ema" or teacher is None:
+            return False
+        # Before its first update the teacher holds the initial weights: use the student's prediction instead,
+        # unless an input-stage regularizer changed the input the student saw.
+        return bool(getattr(teacher, "has_updated", True)) or ctx.x is not ctx.extras.get("clean_x")
 
     def _predictions(self, ctx: StepContext) -> Tensor:
         """The rows to store for this step: the student's (default) or the EMA teacher's probabilities."""
-        teacher = self._teacher
-        if self.teacher != "ema" or teacher is None:
-            return ctx.probs()
-        x = ctx.extras.get("clean_x")
-        # Before its first update the teacher holds the initial weights: store the student's prediction
-        # instead, unless an input-stage regularizer changed the input the student saw.
-        if bool(getattr(teacher, "has_updated", True)) or ctx.x is not x:
-            if x is None:
-                raise ValueError(
-                    "`PSKD(teacher='ema')` runs the teacher on the batch's input, but none was given. Pass it to"
-                    " `self.regularized_loss(logits, y, index, x=x)`."
-                )
-            with torch.no_grad():
-                return torch.softmax(teacher.teacher_forward(x).detach().float(), dim=-1)
+        if self._teacher_ready(ctx):
+            assert self._teacher is not None
+            ctx.clean_input("PSKD(teacher='ema')")  # a clear error if no input was given
+            return ctx.teacher_probs(self._teacher)
         return ctx.probs()
 
     def refine_target(self, ctx: StepContext) -> None:
-        trainer = ctx.module.trainer
-        if not trainer.training:  # e.g. `regularized_loss` in validation_step: no targets to refine, no table writes
+        if not ctx.training:  # sanity check, validation, test: no targets to refine, no table reads or writes
             return
-        index = ctx.require_index("PSKD")
+        trainer = ctx.module.trainer
         assert ctx.logits is not None
-        self._ensure_table(trainer, ctx.logits)
         alpha = self.current_alpha(trainer)
+        ctx.logs[f"{self.name}/alpha"] = alpha
+        if ctx.is_dense:
+            self._refine_dense(ctx, alpha)
+        else:
+            self._refine_with_table(ctx, alpha, trainer)
+
+    def _refine_with_table(self, ctx: StepContext, alpha: float, trainer: Trainer) -> None:
+        index = ctx.require_index("PSKD")
+        self._ensure_table(trainer, ctx)
+        assert ctx.logits is not None
+        current = ctx.current_target()
+        given = ctx.given_labels
+        n = ctx.num_labeled
+        part = n is not None and n < ctx.batch_size
+        if part:  # a semi-supervised batch: the labeled rows come first (a static slice, no host sync)
+            index, given = index[:n], given[:n]
+        keep = given != ctx.ignore_index  # unlabeled samples of a single loader carry `ignore_index`
         # Read the previous predictions first, then overwrite them with this step's.
         prev, seen = self.table.read(index, device=ctx.logits.device)
-        ctx.target = pskd_soft_targets(ctx.current_target(), prev, alpha, seen)
-        self.table.write(index, self._predictions(ctx), strategy=trainer.strategy)
-        ctx.logs[f"{self.name}/alpha"] = alpha
-        ctx.logs[f"{self.name}/target_entropy"] = target_entropy(ctx.target)
+        refined = pskd_soft_targets(current[:n] if part else current, prev, alpha, seen & keep)
+        ctx.target = torch.cat([refined, current[n:].float()]) if part else refined
+        preds = self._predictions(ctx)
+        preds = preds[:n] if part else preds
+        # Rows with a non-finite value are not written (PerSampleTable.write): NaN rows skip unlabeled samples.
+        skip = torch.full((), float("nan"), device=preds.device)
+        self.table.write(index, torch.where(keep[:, None], preds, skip), strategy=trainer.strategy)
+        ctx.logs[f"{self.name}/target_entropy"] = target_entropy(refined, valid=keep)
+
+    def _refine_dense(self, ctx: StepContext, alpha: float) -> None:
+        """Dense outputs: the EMA teacher's per-element prediction stands in for the previous one (no table)."""
+        self.check_layout(ctx)  # teacher="self" refuses (also when called outside the pipeline)
+        dim = ctx.class_dim
+        current = ctx.current_target()
+        if self._teacher_ready(ctx):
+            assert self._teacher is not None
+            ctx.clean_input("PSKD(teacher='ema')")
+            target = pskd_soft_targets(current, ctx.teacher_probs(self._teacher), alpha, ctx.valid, dim=dim)
+            ctx.target = target
+        else:
+            target = current.float()  # before the teacher's first update: the hard label, as an unseen sample's
+        ctx.logs[f"{self.name}/target_entropy"] = target_entropy(target, valid=ctx.valid, dim=dim)
 
     # -- state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -50,7 +50,12 @@ def pskd_alpha(epoch: float, max_epochs: float, alpha_T: float) -> float:
 
 
 def pskd_soft_targets(
-    onehot_or_target: Tensor, prev_probs: Tensor, alpha: float | Tensor, seen: Tensor | None = None
+    onehot_or_target: Tensor,
+    prev_probs: Tensor,
+    alpha: float | Tensor,
+    seen: Tensor | None = None,
+    *,
+    dim: int = -1,
 ) -> Tensor:
     r"""The PS-KD soft target: the label mixed with the model's previous prediction.
 
@@ -61,17 +66,22 @@ def pskd_soft_targets(
     hard-example mining: the target moves towards what the model already
     believed, so confidently wrong samples keep a large gradient.
 
+    On dense outputs (``(B, C, *d)`` with ``dim=1``, or ``(B, *d, C)``) the same mix applies per
+    element, with ``prev_probs`` e.g. an EMA teacher's per-element prediction and ``seen`` the
+    labelled elements.
+
     Args:
         onehot_or_target: ``(B, C)`` target to refine: the one-hot label, or the
             target an earlier refiner produced (e.g. a smoothed label).
         prev_probs: ``(B, C)`` the samples' previous predictions (rows sum to one).
         alpha: ``α_t`` in ``[0, 1]`` (a float or a 0-d tensor).
-        seen: Optional ``(B,)`` bool mask; rows where it is ``False`` (samples
-            without a previous prediction) get ``onehot_or_target`` unchanged.
-            The fallback is a ``torch.where``, with no host sync.
+        seen: Optional bool mask of the target's shape without ``dim`` (``(B,)`` for ``(B, C)``); rows
+            (elements) where it is ``False`` (no previous prediction, or no label) get
+            ``onehot_or_target`` unchanged. The fallback is a ``torch.where``, with no host sync.
+        dim: The class dimension.
 
     Returns:
-        The ``(B, C)`` fp32 soft target; it carries no gradient.
+        The fp32 soft target of the input's shape; it carries no gradient.
 
     Example:
         >>> y = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -91,17 +101,28 @@ def pskd_soft_targets(
     target = onehot_or_target.detach().float()
     q = torch.lerp(target, prev_probs.detach().float(), alpha if isinstance(alpha, float) else alpha.float())
     if seen is not None:
-        q = torch.where(seen.reshape(-1, 1), q, target)
+        q = torch.where(seen.unsqueeze(dim), q, target)
     return q
 
 
-def target_entropy(target: Tensor) -> Tensor:
+def target_entropy(target: Tensor, valid: Tensor | None = None, dim: int = -1) -> Tensor:
     r"""Mean entropy (in nats) of the rows of a target distribution, as a 0-d tensor (no host sync).
 
-    .. math:: H = -\frac{1}{B}\sum_i \sum_c q_{ic} \log q_{ic}, \quad 0 \log 0 = 0
+    .. math:: H = -\frac{1}{|V|}\sum_{i \in V} \sum_c q_{ic} \log q_{ic}, \quad 0 \log 0 = 0
+
+    Args:
+        target: Target distributions with the classes along ``dim``.
+        valid: Optional bool mask of the target's shape without ``dim``: the rows (elements) :math:`V`
+            to average over (all if ``None``; zero if none).
+        dim: The class dimension.
 
     Example:
         >>> round(target_entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]])).item(), 4)  # (log 2 + 0) / 2
         0.3466
+        >>> round(target_entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]), valid=torch.tensor([True, False])).item(), 4)
+        0.6931
     """
-    return torch.special.entr(target.detach().float()).sum(dim=-1).mean()
+    per_row = torch.special.entr(target.detach().float()).sum(dim=dim)
+    if valid is None:
+        return per_row.mean()
+    return torch.where(valid, per_row, torch.zeros((), device=per_row.device)).sum() / valid.sum().clamp_min(1)
