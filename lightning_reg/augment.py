@@ -599,8 +599,7 @@ _MAX_ROTATE, _MAX_SHEAR, _MAX_TRANSLATE, _MAX_ENHANCE = 30.0, 0.3, 0.3, 0.9
 def _grey(u: Tensor) -> Tensor:
     """``(B, 1, H, W)`` luminance (ITU-R 601-2, as PIL) of RGB images, the channel mean otherwise."""
     if u.shape[1] == 3:
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=u.dtype, device=u.device).view(1, 3, 1, 1)
-        return (u * weights).sum(1, keepdim=True)
+        return 0.299 * u[:, 0:1] + 0.587 * u[:, 1:2] + 0.114 * u[:, 2:3]
     return u.mean(1, keepdim=True)
 
 
@@ -617,11 +616,12 @@ def _equalize(u: Tensor) -> Tensor:
     b, c = u.shape[:2]
     q = (u * 255.0).round().long().flatten(2)  # (B, C, N)
     n = q.shape[-1]
-    offsets = (torch.arange(b * c, device=u.device) * 256).view(b, c, 1)  # one histogram per image and channel
-    hist = torch.bincount((q + offsets).flatten(), minlength=b * c * 256).view(b, c, 256).to(u.dtype)
+    # Counts from sorted values: no atomics (deterministic) and no output-size sync, unlike bincount on CUDA.
+    edges = torch.arange(257, device=u.device).expand(b, c, 257).contiguous()
+    cum = torch.searchsorted(q.sort(dim=-1).values, edges).to(u.dtype)  # (B, C, 257): pixels below each level
+    below, hist = cum[..., :256], cum[..., 1:] - cum[..., :256]
     last = hist.gather(2, q.amax(2, keepdim=True))  # pixels in the highest occupied bin
     step = torch.floor((n - last) / 255.0)
-    below = hist.cumsum(2) - hist  # pixels strictly below each bin
     lut = (torch.floor((below + torch.floor(step / 2)) / step.clamp_min(1.0)).clamp(0, 255)) / 255.0
     out = lut.gather(2, q).view_as(u)
     return torch.where(step.unsqueeze(-1) > 0, out, u)  # a (nearly) constant channel is left as is

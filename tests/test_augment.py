@@ -528,3 +528,20 @@ def test_affine_grid_matches_torch() -> None:
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = torch.nn.functional.affine_grid(theta, [5, 1, 6, 9], align_corners=False)
     torch.testing.assert_close(_affine_grid(theta, 6, 9), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fixmatch_views_do_not_sync_with_the_host() -> None:
+    x = _fashion_like(64).cuda()
+    augs = [WeakAugment(), WeakAugment(padding_mode="constant"), RandAugment(), RandAugment(magnitude=0.5), Cutout()]
+    for aug in augs:  # warm-up (lazy CUDA initialisation may sync)
+        aug(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for aug in augs:
+            aug(x)
+            aug(x.to(torch.bfloat16))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
