@@ -100,7 +100,7 @@ def quickstart() -> list:
             "    'quickstart', [LabelSmoothing(smoothing=0.1), EMATeacher(decay=0.99)],\n"
             "    SmallCNN(lr=0.05), dm, EPOCHS, limit_train_batches=3 if FAST else None,\n"
             ")\n"
-            "print({k: round(v, 4) for k, v in results.items() if k.startswith('test_')})"
+            "print({k: round(v, 4) for k, v in results.items() if k.startswith('test_') and isinstance(v, float)})"
         ),
         new_code_cell(
             "ep, live = curve(report, 'test_acc')\n"
