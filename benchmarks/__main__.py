@@ -88,6 +88,46 @@ def write_results(results: list[dict[str, Any]], suite: str, seconds: float, pat
     path.write_text("\n".join(lines))
 
 
+def merge_results(results: list[dict[str, Any]], suite: str, path: Path) -> None:
+    """Splice a partial run into an existing RESULTS.md: its sections replace (or join) theirs, its claims theirs.
+
+    Sections are matched by their ``## title`` and claims by their technique and claim text; everything else,
+    measured earlier, stays as it was. Each merged section says when and how it was measured.
+    """
+    if not path.is_file():
+        write_results(results, suite, 0.0, path)
+        return
+    text = path.read_text()
+    head, _, body = text.partition("\n## Paper claims vs what we measure\n")
+    claims_block, _, sections_text = body.lstrip("\n").partition("\n## ")
+    old_rows = [
+        line for line in claims_block.splitlines() if line.startswith("| ") and not line.startswith("| technique")
+    ]
+    new_claims = _claims_table(results).splitlines()[2:] if any(r.get("claims") for r in results) else []
+
+    def key(row: str) -> tuple[str, str]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        return (cells[0], cells[1]) if len(cells) > 1 else (row, "")
+
+    replaced = {key(r) for r in new_claims}
+    rows = [r for r in old_rows if key(r) not in replaced] + new_claims
+    sections: dict[str, str] = {}
+    for chunk in ("## " + sections_text).split("\n## ") if sections_text else []:
+        title, _, rest = chunk.removeprefix("## ").partition("\n")
+        sections[title] = rest
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for r in results:
+        lines = ["", f"Command: `{r['command']}` (merged {date}, GPU: {_versions()['cuda']})", ""]
+        lines += [r.get("markdown", "").strip(), ""]
+        for plot in r.get("plots", []):
+            lines += [f"![{Path(plot).stem}]({Path(plot).relative_to(HERE).as_posix()})", ""]
+        sections[r["title"]] = "\n".join(lines)
+    table = "\n".join(["| technique | paper's claim | measured here | holds here? |", "|---|---|---|---|", *rows])
+    out = [head.rstrip("\n"), "", "## Paper claims vs what we measure", "", table, ""]
+    out += [f"## {title}\n{rest.rstrip()}\n" for title, rest in sections.items()]
+    path.write_text("\n".join(out))
+
+
 def sync_readme(results: list[dict[str, Any]], readme: Path, claims: bool = True) -> list[str]:
     """Copy the results into the README's marked blocks, so every number there comes from this run.
 
@@ -138,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         " so a partial run never replaces the full results)",
     )
     run_p.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: splice the results into benchmarks/RESULTS.md (their sections and claims replace the"
+        " earlier ones; the rest stays) instead of writing benchmarks/_runs/RESULTS.md",
+    )
+    run_p.add_argument(
         "--sync-readme",
         action="store_true",
         help="also copy the claims table and each benchmark's tables into README.md's marked blocks",
@@ -176,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(Markdown(out["markdown"]))
         results.append(out)
     seconds = time.perf_counter() - t0
+    if args.merge and args.only:
+        merge_results(results, args.suite, HERE / "RESULTS.md")
+        console.print(f"merged {', '.join(names)} into {HERE / 'RESULTS.md'}")
     write_results(results, args.suite, seconds, args.output)
     console.print(f"wrote {args.output} in {seconds / 60:.1f} min")
     if args.sync_readme:

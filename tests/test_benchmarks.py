@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +84,33 @@ def test_partial_sync_keeps_the_claims_table(tmp_path: Path) -> None:
     result = {"name": "x", "title": "X", "markdown": "m", "claims": [{"claim": "c", "measured": "m"}]}
     assert sync_readme([result], readme, claims=False) == []
     assert "all claims" in readme.read_text()
+
+
+def test_merge_replaces_a_section_and_its_claims_and_keeps_the_rest(tmp_path: Path) -> None:
+    from benchmarks.__main__ import merge_results, write_results
+
+    def result(value: str, verdict: str) -> dict[str, Any]:
+        claim = {"technique": "T", "claim": "c", "measured": value, "verdict": verdict}
+        return {
+            "name": "n",
+            "title": "New",
+            "command": "cmd",
+            "markdown": f"| x |\n|---|\n| {value} |",
+            "claims": [claim],
+        }
+
+    path = tmp_path / "RESULTS.md"
+    old = {
+        "name": "o",
+        "title": "Old",
+        "command": "old",
+        "markdown": "kept",
+        "claims": [{"technique": "O", "claim": "k", "measured": "1", "verdict": "yes"}],
+    }
+    write_results([old], "quick", 1.0, path)
+    merge_results([result("first", "no")], "quick", path)
+    merge_results([result("second", "yes")], "quick", path)
+    text = path.read_text()
+    assert "| O | k | 1 | yes |" in text and "kept" in text  # earlier measurements stay
+    assert "| T | c | second | yes |" in text and "first" not in text  # the re-run replaces its claim and section
+    assert text.count("## New") == 1 and text.count("## Old") == 1
