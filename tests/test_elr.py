@@ -635,3 +635,55 @@ def test_dense_training_with_an_ema_teacher() -> None:
     trainer, _ = fit([EMATeacher(decay=0.9), elr], make_model("dense"), make_loader(layout="dense"), max_epochs=1)
     assert float(trainer.callback_metrics["train/loss_elr"]) < 0
     assert not elr.table.is_allocated and not elr.meta.is_allocated
+
+
+# -- CutMix: the term's target is mixed (classification) or pasted (dense) like the input ---------------------------
+
+
+def test_cutmix_without_teacher_is_a_clear_error() -> None:
+    from lightning_reg import CutMix
+
+    with pytest.raises(ValueError, match=r"`ELR` with `CutMix` needs predictions on the un-mixed inputs"):
+        fit([CutMix(), ELR()], max_epochs=1)
+
+
+def test_cutmix_targets_in_the_term() -> None:
+    from lightning_reg.callbacks.cutmix import CutMixRecord
+    from lightning_reg.functional.cutmix import paste_box
+
+    g = torch.Generator().manual_seed(4)
+    perm, box = torch.tensor([1, 2, 0]), torch.tensor([[0, 2, 1, 3]])
+    # Classification: lam' t_i + (1 - lam') t_perm(i), with the table updated from the teacher's clean predictions.
+    elr = ELR(beta=0.5, lam=1.0, num_samples=8, teacher="ema")
+    elr._teacher = _ConstTeacher()  # type: ignore[assignment]
+    logits, clean = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    ctx = _ctx(logits, torch.tensor([0, 1, 2]), torch.tensor([5, 2, 7]), cutmix=CutMixRecord(perm, box, 0.75))
+    ctx.extras["clean_x"] = clean
+    term = elr.loss_term(ctx)
+    t_new = elr_updated_targets(torch.zeros(3, 4), elr_clamped_probs(clean), 0.5)
+    torch.testing.assert_close(elr.targets[torch.tensor([5, 2, 7])], t_new)
+    torch.testing.assert_close(term, elr_regularizer(logits, 0.75 * t_new + 0.25 * t_new[perm]))
+    # Dense: the teacher's per-pixel target on the clean input is pasted with the same box.
+    elr_d = ELR(lam=1.0, teacher="ema")
+    elr_d._teacher = _ConstTeacher()  # type: ignore[assignment]
+    logits_d, clean_d = torch.randn(3, 4, 3, 3, generator=g), torch.randn(3, 4, 3, 3, generator=g)
+    labels = torch.randint(0, 4, (3, 3, 3), generator=g)
+    labels[0, 2] = -100
+    ctx_d = _ctx(logits_d, labels, torch.arange(3), cutmix=CutMixRecord(perm, box, 0.5))
+    ctx_d.extras["clean_x"] = clean_d
+    target = paste_box(torch.softmax(clean_d, 1).clamp(1e-4, 1 - 1e-4), perm, box)
+    target = target / target.sum(1, keepdim=True)
+    expected = elr_regularizer(logits_d, target, lam=1.0, dim=1, valid=labels != -100)
+    torch.testing.assert_close(elr_d.loss_term(ctx_d), expected)
+
+
+def test_dense_with_cutmix_and_an_ema_teacher_trains() -> None:
+    from lightning_reg import CutMix, EMATeacher
+
+    trainer, _ = fit(
+        [CutMix(), EMATeacher(decay=0.9), ELR(teacher="ema")],
+        make_model("dense"),
+        make_loader(layout="dense"),
+        max_epochs=1,
+    )
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_elr"]))

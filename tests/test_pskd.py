@@ -618,3 +618,19 @@ def test_dense_training_with_an_ema_teacher() -> None:
         assert math.isfinite(float(trainer.callback_metrics["pskd/target_entropy"]))
         assert float(trainer.callback_metrics["pskd/target_entropy"]) > 0
         assert not cb.table.is_allocated
+
+
+def test_dense_with_cutmix_and_an_ema_teacher_trains() -> None:
+    """CutMix pastes PS-KD's per-pixel target (built from the teacher on the clean input) with its box."""
+    from lightning_reg import CutMix, EMATeacher
+    from tests.helpers import make_model
+
+    with pytest.raises(ValueError, match="Conflicting regularizers"):
+        fit([CutMix(), PSKD()], make_model("dense"), make_loader(layout="dense"), max_epochs=1)
+    trainer, _ = fit(
+        [CutMix(), EMATeacher(decay=0.9), PSKD(teacher="ema")],
+        make_model("dense"),
+        make_loader(layout="dense"),
+        max_epochs=2,
+    )
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))

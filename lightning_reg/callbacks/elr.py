@@ -10,11 +10,18 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_reg.callbacks._per_element import per_element_table_error
-from lightning_reg.callbacks.mixup import Mixup
-from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
+from lightning_reg.core.protocol import (
+    LossRegularizer,
+    StepContext,
+    TeacherProvider,
+    find_teacher,
+    infer_num_samples,
+    regularizers_of,
+)
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
 from lightning_reg.core.table import PerSampleTable
 from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
+from lightning_reg.functional.cutmix import paste_box
 from lightning_reg.functional.elr import (
     elr_clamp,
     elr_mixed_targets,
@@ -69,7 +76,9 @@ class ELR(LossRegularizer):
       against the prediction on the mixed input, as ELR+ does, while the
       table is updated from predictions on the *clean* input. The student's
       predictions on a mixed input say nothing about one sample, so mixup
-      requires ``teacher="ema"`` (a clear error at ``setup`` otherwise).
+      (and any input-stage regularizer) requires ``teacher="ema"`` (a clear error at ``setup`` otherwise).
+      :class:`~lightning_reg.CutMix` works the same: in classification the target is mixed with the kept
+      share :math:`\lambda'`, on dense outputs the teacher's per-element target is pasted with CutMix's box.
       Before the teacher's first update, the clean predictions then come from
       one extra no-grad forward pass of the student.
 
@@ -203,12 +212,15 @@ class ELR(LossRegularizer):
                     " with `teacher_forward`. Add one, e.g. `callbacks=[EMATeacher(decay=0.997), ELR(teacher='ema')]`,"
                     " or use `teacher='none'`."
                 )
-        elif any(isinstance(cb, Mixup) for cb in trainer.callbacks):  # type: ignore[attr-defined]
-            raise ValueError(
-                "`ELR` with `Mixup` needs predictions on the un-mixed inputs to update its per-sample targets (the"
-                " student only sees mixed inputs), as in ELR+. Use `ELR(teacher='ema')` together with an"
-                " `EMATeacher`, or remove `Mixup`."
-            )
+        else:
+            mixer = next((r for r in regularizers_of(trainer) if r.stage == "input"), None)
+            if mixer is not None:  # Mixup, CutMix: the student's predictions are not any one sample's
+                other = type(mixer).__name__
+                raise ValueError(
+                    f"`ELR` with `{other}` needs predictions on the un-mixed inputs to update its per-sample targets"
+                    " (the student only sees mixed inputs), as in ELR+. Use `ELR(teacher='ema')` together with an"
+                    f" `EMATeacher`, or remove `{other}`."
+                )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ramp_total = None
@@ -261,14 +273,27 @@ class ELR(LossRegularizer):
         if teacher is not None and getattr(teacher, "has_updated", True):
             ctx.clean_input("ELR(teacher='ema')")  # a clear error if no input was given
             return ctx.teacher_probs(teacher)
-        if "mixup" in ctx.extras:
+        if "mixup" in ctx.extras or "cutmix" in ctx.extras:
             if self.teacher == "none":
                 raise RuntimeError(
-                    "`ELR` got a mixed batch (`ctx.extras['mixup']`) but has no teacher for predictions on the clean"
-                    " inputs. Use `ELR(teacher='ema')` with an `EMATeacher`."
+                    "`ELR` got a mixed batch (`ctx.extras['mixup']` or `['cutmix']`) but has no teacher for"
+                    " predictions on the clean inputs. Use `ELR(teacher='ema')` with an `EMATeacher`."
                 )
             return ctx.student_clean_probs("ELR")  # before the teacher's first update: the student, clean input
         return ctx.probs()
+
+    @staticmethod
+    def _mixed_like_input(ctx: StepContext, target: Tensor) -> Tensor:
+        """Mix the (whole batch's) target as the input stage mixed the inputs: Mixup, or CutMix's box."""
+        mix = ctx.extras.get("mixup")
+        if mix is not None:
+            perm, mix_lam = mix
+            target = elr_mixed_targets(target, perm, mix_lam)
+        cut = ctx.extras.get("cutmix")
+        if cut is not None:
+            perm, box, kept = cut
+            target = paste_box(target, perm, box) if ctx.is_dense else elr_mixed_targets(target, perm, kept)
+        return target
 
     def loss_term(self, ctx: StepContext) -> Tensor | None:
         if not ctx.training:
@@ -312,15 +337,13 @@ class ELR(LossRegularizer):
         rows = torch.stack([given.to(new), visits + counted], dim=-1)
         self.meta.write(index, torch.where(keep[:, None], rows, skip), strategy=strategy)
         target = torch.where(keep[:, None], new, torch.zeros((), device=dev))  # unlabeled rows have no target
-        mix = ctx.extras.get("mixup")
-        if mix is not None:
-            perm, mix_lam = mix
+        if "mixup" in ctx.extras or "cutmix" in ctx.extras:
             if part:  # a labeled row mixed with an unlabeled one mixes with a zero target
                 assert n is not None
                 full = torch.cat([target, target.new_zeros(batch - n, target.shape[1])])
-                target = elr_mixed_targets(full, perm, mix_lam)[:n]
+                target = self._mixed_like_input(ctx, full)[:n]
             else:
-                target = elr_mixed_targets(target, perm, mix_lam)
+                target = self._mixed_like_input(ctx, target)
         disagree = (new.argmax(dim=-1) != given) & keep
         ctx.logs[f"{self.name}/disagreement"] = disagree.float().sum() / keep.sum().clamp_min(1)
         return elr_regularizer(logits, target, lam=lam_t, valid=keep)
@@ -330,12 +353,9 @@ class ELR(LossRegularizer):
         assert ctx.logits is not None
         self.check_layout(ctx)  # teacher="none" refuses (also when called outside the pipeline)
         dim = ctx.class_dim
-        target = elr_teacher_targets(self._clean_probs(ctx), dim=dim)
-        mix = ctx.extras.get("mixup")
-        if mix is not None:
-            perm, mix_lam = mix
-            target = elr_mixed_targets(target, perm, mix_lam)
-        valid = ctx.valid
+        # The teacher saw the clean input: paste its per-element target like CutMix pasted the input.
+        target = self._mixed_like_input(ctx, elr_teacher_targets(self._clean_probs(ctx), dim=dim))
+        valid = ctx.valid  # after CutMix: the pasted label map's labelled pixels
         disagree = (target.argmax(dim=dim) != ctx.given_labels) & valid
         ctx.logs[f"{self.name}/disagreement"] = disagree.float().sum() / valid.sum().clamp_min(1)
         return elr_regularizer(ctx.logits, target, lam=lam_t, dim=dim, valid=valid)
