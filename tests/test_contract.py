@@ -322,3 +322,11 @@ def test_values_reach_lightning_on_logging_steps_with_exact_epoch_means(tmp_path
     # the logger writes step values on logging steps only: the window means of steps 0-2 and 3-5 (step 3 was
     # flushed at the end of epoch 0 into the epoch aggregate only)
     assert steps == [(2, 1.0), (5, 4.5)]
+
+
+def test_num_samples_is_inferred_for_semi_supervised_loaders() -> None:
+    """With a ``CombinedLoader`` the table covers every part: one index space, labeled samples first."""
+    elr = ELR(beta=0.7, lam=3.0)  # no num_samples: inferred as 16 labeled + 48 unlabeled
+    fit([elr], TinyNet(), _ssl_loaders(), max_epochs=1)
+    assert elr.seen.shape == (64,)
+    assert bool(elr.seen[:16].all()) and not bool(elr.seen[16:].any())

@@ -536,27 +536,37 @@ def find_teacher(trainer: Trainer) -> TeacherProvider | None:
 
 
 def infer_num_samples(trainer: Trainer, who: str) -> int:
-    """Return the size of the training set, read from the train dataloader's dataset.
+    """Return the size of the training set, read from the datamodule or the train dataloader's dataset.
 
-    Under DDP the dataloader's dataset is the full training set, so every rank
-    gets the same number.
+    A datamodule's ``num_train_samples`` (an int) wins. Otherwise the train dataloader's dataset gives
+    it; with several train loaders (a ``{"labeled": ..., "unlabeled": ...}`` ``CombinedLoader`` or
+    mapping) it is the sum of their datasets' sizes: one index space covering every part (labeled
+    samples first), as :class:`~lightning_reg.data.SemiSupervisedDataModule` numbers them. Under DDP
+    the dataloader's dataset is the full training set, so every rank gets the same number.
 
     Raises:
         ValueError: If it cannot be inferred; the message says to pass ``num_samples``.
     """
+    declared = getattr(getattr(trainer, "datamodule", None), "num_train_samples", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
     loaders: Any = None
     try:
         loaders = trainer.train_dataloader
     except Exception:  # pragma: no cover - defensive
         loaders = None
-    iterables = getattr(loaders, "flattened", None) or ([loaders] if loaders is not None else [])
+    if isinstance(loaders, Mapping):
+        iterables: list[Any] = list(loaders.values())
+    else:
+        iterables = getattr(loaders, "flattened", None) or ([loaders] if loaders is not None else [])
+    sizes: list[int | None] = []
     for loader in iterables:
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None:
-            try:
-                return len(dataset)
-            except TypeError:
-                pass
+        try:
+            sizes.append(len(loader.dataset))
+        except (AttributeError, TypeError):
+            sizes.append(None)
+    if sizes and all(n is not None for n in sizes):
+        return int(sum(sizes))  # type: ignore[arg-type]
     raise ValueError(
         f"`{who}` could not infer the number of training samples from the train dataloader (it needs a map-style"
         " dataset with `__len__`). Pass `num_samples=<size of the training set>` explicitly."
