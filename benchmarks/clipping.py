@@ -10,11 +10,13 @@ still runs, since none of the implementations branches on the values.
 The bandwidth bound is the time of the memory traffic a rule cannot avoid,
 measured on one contiguous buffer of the same size: one read of the gradients
 (the norm) plus one read-and-write (the scale), and for AGC one more read (the
-weights). Run ``python -m benchmarks.clipping [quick|full]``.
+weights). Run ``python -m benchmarks.clipping [quick|full] [--device cuda]``; on a GPU each timed call ends
+with ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import statistics
 import sys
@@ -31,6 +33,8 @@ from lightning_reg.callbacks.clipping import GradientClipping
 from lightning_reg.functional.clipping import TensorBuckets, adaptive_clip_grad_, clip_grad_norm_
 
 __all__ = ["resnet50_shapes", "run", "vit_small_shapes"]
+
+CPU = torch.device("cpu")  #: the default device of the timed tensors
 
 HUGE = 1e9  # a threshold that never clips: coefficient 1, same kernels
 
@@ -111,40 +115,52 @@ def _timm_agc() -> tuple[Callable[..., None], str]:
     return loop_agc, "per-parameter loop (timm's algorithm, re-implemented: timm not installed)"
 
 
-def _params(shapes: list[tuple[str, tuple[int, ...]]], seed: int = 0) -> tuple[list[nn.Parameter], list[str]]:
+def _params(
+    shapes: list[tuple[str, tuple[int, ...]]], seed: int = 0, device: torch.device = CPU
+) -> tuple[list[nn.Parameter], list[str]]:
     g = torch.Generator().manual_seed(seed)
     params, names = [], []
     for name, shape in shapes:
-        p = nn.Parameter(torch.randn(shape, generator=g) * 0.05)
-        p.grad = torch.randn(shape, generator=g) * 1e-3
+        p = nn.Parameter((torch.randn(shape, generator=g) * 0.05).to(device))
+        p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device)
         params.append(p)
         names.append(name)
     return params, names
 
 
-def _interleaved(methods: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, float]:
+def _interleaved(
+    methods: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2, sync: Callable[[], None] | None = None
+) -> dict[str, float]:
     """Median seconds per method, timing one call of each per round so load spikes hit all alike."""
     for fn in methods.values():
         for _ in range(warmup):
             fn()
+    if sync is not None:
+        sync()
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
             t0 = time.perf_counter()
             fn()
+            if sync is not None:  # on a GPU: the time of the work, not of queueing it
+                sync()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _bench_set(
-    label: str, shapes: list[tuple[str, tuple[int, ...]]], rounds: int, timm_agc: Callable[..., None]
+    label: str,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    rounds: int,
+    timm_agc: Callable[..., None],
+    device: torch.device = CPU,
 ) -> dict[str, Any]:
-    params, names = _params(shapes)
+    params, names = _params(shapes, device=device)
     grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
     assert len(grads) == len(params)
     numel = sum(p.numel() for p in params)
     buckets = TensorBuckets(grads)
-    buf = torch.randn(numel) * 1e-3
+    buf = torch.randn(numel, device=device) * 1e-3
     cbs = {
         rule: GradientClipping(max_norm=HUGE, rule=rule, clip_factor=HUGE)  # type: ignore[arg-type]
         for rule in ("norm", "value", "component", "agc", "auto")
@@ -170,7 +186,8 @@ def _bench_set(
         "ours adaptive_clip_grad_ (functional, all params)": lambda: adaptive_clip_grad_(params, grads, HUGE),
         "GradientClipping agc (head excluded)": ours(cbs["agc"]),
     }
-    t = _interleaved(methods, rounds)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    t = _interleaved(methods, rounds, sync=sync)
     read, rw = t["bound: read (norm)"], t["bound: read+write (scale)"]
     bound = {"norm": read + rw, "agc": 2 * read + rw}
     torch_t = t["torch clip_grad_norm_(foreach=True)"]
@@ -202,15 +219,16 @@ def _bench_set(
     }
 
 
-def run(suite: str = "quick") -> dict[str, Any]:
-    """Time every rule on both gradient sets; quick ≈ 1 min on 2 busy cores."""
+def run(suite: str = "quick", device: str = "cpu") -> dict[str, Any]:
+    """Time every rule on both gradient sets; quick ≈ 1 min on 2 busy cores. ``device="cuda"``: on a GPU."""
     rounds = 7 if suite == "quick" else 25
+    dev = torch.device(device)
     torch.set_flush_denormal(True)
     timm_agc, timm_label = _timm_agc()
     with torch_threads(1), torch.no_grad():  # one thread: stable ratios on a shared box (see the reading below)
         sets = [
-            _bench_set("ResNet-50", resnet50_shapes(), rounds, timm_agc),
-            _bench_set("ViT-S/16-like", vit_small_shapes(), rounds, timm_agc),
+            _bench_set("ResNet-50", resnet50_shapes(), rounds, timm_agc, dev),
+            _bench_set("ViT-S/16-like", vit_small_shapes(), rounds, timm_agc, dev),
         ]
     rows = [r for s in sets for r in s["rows"]]
 
@@ -268,6 +286,12 @@ def run(suite: str = "quick") -> dict[str, Any]:
         " (the bound streams one contiguous buffer; per-tensor kernels over 150+ tensors cannot quite reach it)."
         " `value` clamps each tensor once on CPU (two foreach clamps on GPU) after one max-abs read."
     )
+    if dev.type != "cpu":
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+        reading = (
+            f"Device: {name}; each timed call ends with a device synchronisation (these are the `clip_` calls"
+            " alone: the hook's one flag read per step with `nonfinite='skip'` is not in them). " + reading
+        )
     claims = [
         {
             "technique": "GradientClipping",
@@ -300,10 +324,18 @@ def run(suite: str = "quick") -> dict[str, Any]:
     }
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.clipping", description="Gradient clipping speed.")
+    parser.add_argument("suite", nargs="?", choices=["quick", "full"], default="quick")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
     from rich.console import Console
 
-    out = run(sys.argv[1] if len(sys.argv) > 1 else "quick")
+    args = _parse(sys.argv[1:])
+    out = run(args.suite, device=args.device)
     console = Console()
     console.print(
         rich_table(

@@ -17,11 +17,13 @@ For each set, one EMA update (decay 0.999) is timed for
 
 Methods are timed round-robin (every round times each method once), so drift in the machine's load hits them
 alike; the table gives medians, and the ratios are medians of per-round ratios.
-Run: ``python -m benchmarks.ema`` (quick) or ``python -m benchmarks.ema full``.
+Run: ``python -m benchmarks.ema`` (quick) or ``python -m benchmarks.ema full``; add ``--device cuda`` to time
+on a GPU (each call is then followed by ``torch.cuda.synchronize()`` inside the timed region).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import random
 import statistics
@@ -41,6 +43,8 @@ from lightning_reg.callbacks.ema import EMATeacher
 from lightning_reg.functional.ema import ema_decay
 
 __all__ = ["resnet50_shapes", "run", "transformer_shapes"]
+
+CPU = torch.device("cpu")  #: the default device of the timed tensors
 
 DECAY = 0.999
 
@@ -99,7 +103,14 @@ def _load_timm_model_ema() -> Any | None:
     return getattr(module, "ModelEmaV3", None)
 
 
-def _methods(model: ParamSet) -> dict[str, Callable[[], Any]]:
+def _sync(device: torch.device) -> Callable[[], None] | None:
+    """What to call after each timed call so the time covers the device's work (``None`` on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def _methods(model: ParamSet, device: torch.device = CPU) -> dict[str, Callable[[], Any]]:
     from lightning.pytorch.callbacks import EMAWeightAveraging
     from lightning.pytorch.strategies import SingleDeviceStrategy
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -107,7 +118,7 @@ def _methods(model: ParamSet) -> dict[str, Callable[[], Any]]:
     methods: dict[str, Callable[[], Any]] = {}
 
     ours = EMATeacher(decay=DECAY, warmup="none")
-    fake = types.SimpleNamespace(strategy=SingleDeviceStrategy(device=torch.device("cpu")))
+    fake = types.SimpleNamespace(strategy=SingleDeviceStrategy(device=device))
     ours._bind(fake, model, carry_over=False)  # type: ignore[arg-type]
     counter = [0]
 
@@ -138,12 +149,18 @@ def _methods(model: ParamSet) -> dict[str, Callable[[], Any]]:
 
 
 def _round_robin(
-    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2, seed: int = 0
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 2,
+    seed: int = 0,
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of every call: each round times each function once, in a fresh random order."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    if sync is not None:
+        sync()
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     rng = random.Random(seed)
@@ -152,6 +169,8 @@ def _round_robin(
         for name in order:
             t0 = time.perf_counter()
             fns[name]()
+            if sync is not None:
+                sync()
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -159,13 +178,13 @@ def _round_robin(
 BIG = 100_000_000  # elements of the bandwidth probe
 
 
-def _bandwidth_probe() -> Callable[[], Any]:
+def _bandwidth_probe(device: torch.device = CPU) -> Callable[[], Any]:
     """One ``a.lerp_(b, w)`` over fp32 tensors of ``BIG`` elements: reads a and b, writes a (12 bytes/element)."""
-    a, b = torch.randn(BIG), torch.randn(BIG)
+    a, b = torch.randn(BIG, device=device), torch.randn(BIG, device=device)
     return lambda: a.lerp_(b, 1.0 - DECAY)
 
 
-def _measure(rounds: int, probe: Callable[[], Any]) -> dict[str, dict[str, Any]]:
+def _measure(rounds: int, probe: Callable[[], Any], device: torch.device = CPU) -> dict[str, dict[str, Any]]:
     """Per parameter set: the bound and each method's time, at the current thread count.
 
     The ratios are medians of per-round ratios: within a round the calls are a fraction of a second apart, so a
@@ -174,10 +193,10 @@ def _measure(rounds: int, probe: Callable[[], Any]) -> dict[str, dict[str, Any]]
     summary: dict[str, dict[str, Any]] = {}
     sets = {"ResNet-50 (161 tensors)": resnet50_shapes(), "transformer-like (304 tensors)": transformer_shapes()}
     for set_name, shapes in sets.items():
-        model = ParamSet(shapes)
+        model = ParamSet(shapes).to(device)
         numel = sum(p.numel() for p in model.parameters())
         with torch.no_grad():  # the bandwidth probe runs in the same rounds, under the same load
-            times = _round_robin({**_methods(model), "probe": probe}, rounds)
+            times = _round_robin({**_methods(model, device), "probe": probe}, rounds, sync=_sync(device))
         bounds = [t * numel / BIG for t in times.pop("probe")]  # same bytes per element, numel/BIG of the work
         ours = times[OURS]
         summary[set_name] = {
@@ -201,23 +220,24 @@ def _measure(rounds: int, probe: Callable[[], Any]) -> dict[str, dict[str, Any]]
 OURS, LIGHTNING, TIMM = "EMATeacher (ours)", "Lightning EMAWeightAveraging", "timm ModelEmaV3"
 
 
-def run(suite: str = "quick") -> dict[str, Any]:
+def run(suite: str = "quick", device: str = "cpu") -> dict[str, Any]:
     """Time one EMA update per method and parameter set; return tables, rows, claims and a reading.
 
     ``quick`` (about a minute) times with one torch thread, where per-tensor kernels are not stalled by
     the thread barrier of each op on a shared, oversubscribed machine; ``full`` also times with the default
-    thread count and more rounds.
+    thread count and more rounds. ``device="cuda"`` times on the GPU (one thread count).
     """
     t_start = time.perf_counter()
+    dev = torch.device(device)
     default_threads = torch.get_num_threads()
-    thread_counts = [1] if suite == "quick" else sorted({1, default_threads})
+    thread_counts = [1] if suite == "quick" or dev.type != "cpu" else sorted({1, default_threads})
     rounds = 21 if suite == "quick" else 60
-    probe = _bandwidth_probe()
+    probe = _bandwidth_probe(dev)
     results: dict[int, dict[str, dict[str, Any]]] = {}
     try:
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            results[threads] = _measure(rounds, probe)
+            results[threads] = _measure(rounds, probe, dev)
     finally:
         torch.set_num_threads(default_threads)
     rows: list[dict[str, Any]] = []
@@ -290,6 +310,12 @@ def run(suite: str = "quick") -> dict[str, Any]:
         + load_note()
         + (" GPU figures are pending (no GPU here)." if not torch.cuda.is_available() else "")
     )
+    if dev.type != "cpu":
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+        reading = (
+            f"Device: {name}; each timed call ends with a device synchronisation. On a GPU the per-tensor"
+            " methods pay a kernel launch per tensor, and the figures are far from the CPU ones below. " + reading
+        )
     markdown = "\n\n".join(
         [
             markdown_table(header, table_rows),
@@ -310,10 +336,18 @@ def run(suite: str = "quick") -> dict[str, Any]:
     }
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ema", description="EMA update speed.")
+    parser.add_argument("suite", nargs="?", choices=["quick", "full"], default="quick")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
     from rich.console import Console
 
-    out = run(sys.argv[1] if len(sys.argv) > 1 else "quick")
+    args = _parse(sys.argv[1:])
+    out = run(args.suite, device=args.device)
     console = Console()
     header, table_rows = out["tables"][0]
     console.print(rich_table(out["title"], header, table_rows))

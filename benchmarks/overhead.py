@@ -15,12 +15,20 @@ masked view (timed apart on both sides) and the backward pass of the extra terms
 overhead** is ``ours − hand``, as a percentage of a reference Lightning step (target: ≤ 5 % for each
 callback, ≤ 10 % for all six composed). Step times are medians of the time between
 ``on_train_batch_start`` and ``on_train_batch_end``.
+
+``python -m benchmarks.overhead [quick|full] [--device cuda]``: on a GPU the model and batches live on the
+device, each step window ends with ``torch.cuda.synchronize()`` (the step time covers the GPU's work), and the
+in-step columns stay host time (what our code adds to the launch path, including any host synchronisation).
+Without the Fashion-MNIST files (e.g. on a bare GPU machine) the loop runs on random images of the same shape:
+the timings do not depend on the pixels.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,20 +82,35 @@ class _Clock:
         return timed
 
 
+def _device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _StepWindow(Callback):
     """First and last in the callback list: per-step wall time and our code's share, extra forwards apart."""
 
-    def __init__(self, clocks: tuple[_Clock, _Clock], steps: list[float], inside: list[float], first: bool) -> None:
+    def __init__(
+        self,
+        clocks: tuple[_Clock, _Clock],
+        steps: list[float],
+        inside: list[float],
+        first: bool,
+        device: torch.device = torch.device("cpu"),  # noqa: B008
+    ) -> None:
         self.clocks, self.steps, self.inside, self.first = clocks, steps, inside, first
+        self.device = device
 
     def on_train_batch_start(self, *args: Any) -> None:
         if self.first:
+            _device_sync(self.device)
             for c in self.clocks:
                 c.seconds = 0.0
             self.steps.append(-time.perf_counter())
 
     def on_train_batch_end(self, *args: Any) -> None:
         if not self.first:
+            _device_sync(self.device)
             self.steps[-1] += time.perf_counter()
             ours, forwards = self.clocks
             self.inside.append(ours.seconds - forwards.seconds)
@@ -98,15 +121,30 @@ def _model() -> SmallCNN:
     return SmallCNN(channels=[16, 32], lr=0.05, lr_schedule="constant", weight_decay=0.0, dropout=0.1)
 
 
+def _images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``N_TRAIN`` Fashion-MNIST training images, or random ones of the same shape without the files."""
+    try:
+        x, y = fashion_mnist("train")
+        return x[:N_TRAIN], y[:N_TRAIN]
+    except FileNotFoundError:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(N_TRAIN, 1, 28, 28, generator=g), torch.randint(0, 10, (N_TRAIN,), generator=g)
+
+
 def _loader() -> DataLoader:
     from lightning_reg.data import IndexedDataset
 
-    x, y = fashion_mnist("train")
-    ds = IndexedDataset(torch.utils.data.TensorDataset(x[:N_TRAIN], y[:N_TRAIN]))
+    x, y = _images()
+    ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
     return DataLoader(ds, batch_size=BATCH, shuffle=False)
 
 
-def lightning_step(callbacks: list[Callback], steps: int, warmup: int) -> tuple[float, float]:
+def lightning_step(
+    callbacks: list[Callback],
+    steps: int,
+    warmup: int,
+    device: torch.device = torch.device("cpu"),  # noqa: B008
+) -> tuple[float, float, float]:
     """Median step seconds and median seconds per step inside our code (hooks + mixin stages)."""
     clock = _Clock()
     for cb in callbacks:
@@ -137,11 +175,12 @@ def lightning_step(callbacks: list[Callback], steps: int, warmup: int) -> tuple[
     step_times: list[float] = []
     inside: list[float] = []
     window = [
-        _StepWindow((clock, extra), step_times, inside, first=True),
+        _StepWindow((clock, extra), step_times, inside, first=True, device=device),
         *callbacks,
-        _StepWindow((clock, extra), step_times, inside, first=False),
+        _StepWindow((clock, extra), step_times, inside, first=False, device=device),
     ]
-    fit(model, _loader(), window, epochs=-1, max_steps=steps + warmup)  # max_steps ends it
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    fit(model, _loader(), window, epochs=-1, max_steps=steps + warmup, accelerator=accelerator)  # max_steps ends it
     return statistics.median(step_times[warmup:]), statistics.median(inside[warmup:]), calls[0] / (steps + warmup)
 
 
@@ -173,25 +212,31 @@ def log_call_seconds(calls: int = 400) -> float:
 # -- hand-written yardsticks ---------------------------------------------------------------------
 def _patch_mask(x: torch.Tensor, patch: int = 4, ratio: float = 0.5) -> torch.Tensor:
     b, _, h, w = x.shape
-    keep = (torch.rand(b, 1, h // patch, w // patch) >= ratio).to(x.dtype)
+    keep = (torch.rand(b, 1, h // patch, w // patch, device=x.device) >= ratio).to(x.dtype)
     return x * keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 
 
-def hand_step(method: str, steps: int, warmup: int) -> tuple[float, float]:
+def hand_step(
+    method: str,
+    steps: int,
+    warmup: int,
+    device: torch.device = torch.device("cpu"),  # noqa: B008
+) -> tuple[float, float]:
     """Median step seconds and median seconds per step in the method's own code, in a plain PyTorch loop."""
-    model = _model()
+    model = _model().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     n, c = N_TRAIN, 10
-    pskd_table = torch.zeros(n, c)
-    elr_table = torch.zeros(n, c)
+    pskd_table = torch.zeros(n, c, device=device)
+    elr_table = torch.zeros(n, c, device=device)
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     methods = set(method.split("+")) if method != "all" else {"ema", "dropout", "clip", "pskd", "elr", "cons"}
     step_times, inside = [], []
-    batches = list(_loader())
+    batches = [[t.to(device) for t in batch] for batch in _loader()]
     for step in range(steps + warmup):
         x, y, idx = batches[step % len(batches)]
+        _device_sync(device)
         t_step = time.perf_counter()
         own = 0.0
         t0 = time.perf_counter()
@@ -240,6 +285,7 @@ def hand_step(method: str, steps: int, warmup: int) -> tuple[float, float]:
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - 0.999)
         own += time.perf_counter() - t0
+        _device_sync(device)
         step_times.append(time.perf_counter() - t_step)
         inside.append(own)
     return statistics.median(step_times[warmup:]), statistics.median(inside[warmup:])
@@ -284,19 +330,20 @@ def _arms() -> dict[str, tuple[str, Callable[[], list[Callback]], str]]:
     }
 
 
-def run(suite: str = "quick") -> dict[str, Any]:
+def run(suite: str = "quick", device: str = "cpu") -> dict[str, Any]:
     """Time every arm in interleaved rounds; returns ``{"title", "markdown", "rows", "claims"}``."""
     steps, warmup, rounds = (40, 5, 2) if suite == "quick" else (100, 10, 4)
+    dev = torch.device(device)
     arms = _arms()
     base: list[tuple[float, float, float]] = []
     per: dict[str, tuple[list[tuple[float, float, float]], list[tuple[float, float]]]] = {k: ([], []) for k in arms}
     with torch_threads(1):  # one thread: steadier step times on a shared 2-core machine
         log_ms = 1e3 * log_call_seconds()
         for _ in range(rounds):  # interleave arms so machine drift hits all of them alike
-            base.append(lightning_step([], steps, warmup))
+            base.append(lightning_step([], steps, warmup, dev))
             for name, (key, factory, _) in arms.items():
-                per[name][0].append(lightning_step(factory(), steps, warmup))
-                per[name][1].append(hand_step(key, steps, warmup))
+                per[name][0].append(lightning_step(factory(), steps, warmup, dev))
+                per[name][1].append(hand_step(key, steps, warmup, dev))
     # The denominator: the shortest median Lightning step among the runs without an extra forward pass, a
     # lower bound of the step time under drift, so the percentages below are upper bounds.
     plain = [statistics.median(t for t, _, _ in base)] + [
@@ -340,9 +387,10 @@ def run(suite: str = "quick") -> dict[str, Any]:
         "within target",
         "note",
     ]
+    where = "CPU" if dev.type == "cpu" else (torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev))
     md = (
-        f"Small CNN (SmallCNN channels [16, 32]), batch {BATCH}, Fashion-MNIST, CPU, 1 torch thread. Reference step:"
-        f" {base_step * 1e3:.1f} ms, the shortest median Lightning step among the runs without an extra forward"
+        f"Small CNN (SmallCNN channels [16, 32]), batch {BATCH}, Fashion-MNIST, {where}, 1 torch thread. Reference"
+        f" step: {base_step * 1e3:.1f} ms, the shortest median Lightning step among the runs without an extra forward"
         f" (the mixin's own pipeline takes {base_inside * 1e3:.2f} ms of a step without callbacks). Medians over"
         f" {steps} steps × {rounds} interleaved rounds.\n\n"
         + markdown_table(header, rows)
@@ -380,4 +428,8 @@ if __name__ == "__main__":
     from rich.console import Console
     from rich.markdown import Markdown
 
-    Console().print(Markdown(run("quick")["markdown"]))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description="Per-step overhead.")
+    parser.add_argument("suite", nargs="?", choices=["quick", "full"], default="quick")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = parser.parse_args(sys.argv[1:])
+    Console().print(Markdown(run(args.suite, device=args.device)["markdown"]))
