@@ -185,7 +185,7 @@ class EMATeacher(RegularizerCallback):
 
     **Non-finite weights.** A NaN or infinity in the live weights (a diverged
     step) would make the EMA non-finite for good. Before each update the
-    callback checks the tracked live tensors (one multi-tensor L1 norm, see
+    callback checks the tracked live tensors (one multi-tensor L2 norm, see
     :func:`~lightning_reg.functional.ema.all_finite`). With ``nonfinite="skip"``
     (the default) a non-finite update is skipped, so the EMA keeps its last
     finite value, counted in :attr:`skipped_nonfinite` and ``ema/skipped_nonfinite``,
@@ -195,11 +195,13 @@ class EMATeacher(RegularizerCallback):
     on the device (three kernels per 16M-element chunk, and a scratch buffer of at
     most one chunk), the skips are counted on the device and :attr:`num_updates`
     counts the attempted updates; the warning comes at the next epoch end,
-    validation or checkpoint. The check reads the live weights once more (about a
-    third more memory traffic than the plain update; the masked update about
-    2.7 times the plain update's traffic on accelerators). ``"raise"`` raises
+    validation or checkpoint. Costs: the check reads the live weights once more
+    (on one CPU thread a ResNet-50-sized update took 35 ms with it and 25 ms
+    without); on accelerators the masked update moves about 3 times the bytes
+    of the plain one (copy the live weights, select, lerp: still a fraction of
+    a millisecond for 25M parameters on a current GPU). ``"raise"`` raises
     ``FloatingPointError`` naming the tensors, which costs one host sync per update
-    on accelerators; ``"ignore"`` skips the check (the old behaviour).
+    on accelerators; ``"ignore"`` skips the check (the old behaviour and speed).
 
     **Checkpoint key.** The callback's state is stored under ``"EMATeacher"``
     (``state_key``), which does not change with the hyperparameters: a run resumed
