@@ -265,7 +265,7 @@ def test_amp_clips_unscaled_gradients_on_gpu(model_cls: type[TinyNet]) -> None:
     ref_norm = float(ref.callback_metrics["grad/norm_pre"])
     c, lr = 0.05, 0.1
     model = _model(model_cls, lr=lr)
-    w0 = _flat(model).cuda()
+    w0 = _flat(model)  # Lightning moves the module back to the CPU when fit ends
     trainer, _ = fit([GradientClipping(max_norm=c)], model, max_steps=1, accelerator="gpu", precision="16-mixed")
     scale = trainer.precision_plugin.scaler.get_scale()  # type: ignore[attr-defined]
     assert scale > 1.0
@@ -675,6 +675,7 @@ def test_fsdp_on_gpu_clips_the_total_norm() -> None:
         accelerator="gpu",
         devices=1,
         strategy=FSDPStrategy(),
+        use_distributed_sampler=False,  # the same batch as the reference run (FSDP would swap in its own sampler)
     )
     pre = float(trainer.callback_metrics["grad/norm_pre"])
     assert pre == pytest.approx(float(ref.callback_metrics["grad/norm_pre"]), rel=1e-4)
