@@ -47,6 +47,21 @@ CLI-friendly constructor arguments stored as attributes, and implement
 multi-view augmentation also overrides :meth:`Augmentation.views`. Name it by
 ``class_path`` in YAML like the built-ins.
 
+**Dense outputs (segmentation, tokens).** A consistency loss on pixels compares
+the prediction on a view with the prediction on the input element by element,
+which needs to know where each element went. :attr:`Augmentation.moves_elements`
+says whether a view moves them (:class:`RandomFlip`, :class:`MultiScale`,
+:class:`RandomResizedCrop`, :class:`WeakAugment`, geometric
+:class:`RandAugment` ops) or keeps them in place (noise, masking, colour).
+Those that move them in an undoable way (:class:`RandomFlip`,
+:class:`MultiScale`, a :class:`Compose` of those) map a dense prediction on
+the view back with :meth:`Augmentation.invert_output`, using the record
+:meth:`Augmentation.views_and_params` returns with the views: the flip is undone
+and rescaled predictions are resized back bilinearly, as ADELE does. The others
+raise a clear ``ValueError`` there. A custom augmentation that moves elements
+overrides ``moves_elements`` (and, if it can, ``can_invert_output``,
+``views_and_params`` and ``invert_output``).
+
 Example:
     >>> import torch
     >>> x = torch.arange(8.0).reshape(1, 1, 2, 4)
@@ -114,6 +129,65 @@ class Augmentation:
     def view_weights(self) -> list[float]:
         """The weight of each view in a multi-view loss and mean prediction (uniform unless overridden)."""
         return [1.0 / self.num_views] * self.num_views
+
+    # -- geometry: comparing dense predictions (pixels, tokens) across views ---------------------------------------
+    @property
+    def moves_elements(self) -> bool:
+        """Whether a view moves pixels (or tokens) away from their position: a flip, rescale, crop or shift.
+
+        ``False`` (the default: noise, masking, colour) means element ``j`` of the view's dense prediction
+        belongs to element ``j`` of the input, so a consistency loss compares the two element by element.
+        Override it in a custom augmentation that moves elements.
+        """
+        return False
+
+    @property
+    def can_invert_output(self) -> bool:
+        """Whether :meth:`invert_output` maps a dense prediction on a view back onto the input's grid.
+
+        Always true for views that keep the geometry; for those that move elements, only where the move is
+        known and undoable (:class:`RandomFlip`, :class:`MultiScale` and :class:`Compose` of those).
+        """
+        return not self.moves_elements
+
+    def views_and_params(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Any]]:
+        """The same views as :meth:`views` (same random draws) and, per view, what :meth:`invert_output` needs.
+
+        Returns:
+            ``(views, params)``: the views and one opaque record per view (``None`` when nothing is needed).
+        """
+        views = self.views(x) if generator is None else self.views(x, generator)
+        return views, [None] * len(views)
+
+    def invert_output(self, out: Tensor, params: Any, size: Sequence[int]) -> Tensor:
+        """Map a dense prediction on a view, ``(B, C, *d')``, back onto the grid of the un-augmented input.
+
+        ADELE (and DeepLab's multi-scale inputs) resize each scale's logits back to the original output's size,
+        and flip the prediction on a flipped image back, before comparing them. Views that keep the geometry are
+        returned as they are.
+
+        Args:
+            out: The model's dense output on the view, classes along dimension 1 (``(B, C, H', W')``).
+            params: The view's record from :meth:`views_and_params`.
+            size: The spatial size ``*d`` of the model's output on the un-augmented input.
+
+        Raises:
+            ValueError: If the view moves elements in a way that cannot be undone (a random crop, a shift, a
+                rotation), or a view that keeps the geometry has an output of another size.
+        """
+        if self.moves_elements:
+            raise ValueError(
+                f"`{type(self).__name__}` moves pixels (or tokens), so its view's prediction at a position belongs to"
+                " another position of the input, and it cannot map a dense prediction on its view back onto the"
+                " input's grid. For dense outputs use a view that keeps the geometry (`PatchMask`, `GaussianNoise`,"
+                " `Cutout`, photometric `RandAugment` ops) or one that can be undone (`RandomFlip`, `MultiScale`)."
+            )
+        if tuple(out.shape[2:]) != tuple(size):
+            raise ValueError(
+                f"Expected the output on `{type(self).__name__}`'s view to have the spatial size {tuple(size)} of the"
+                f" output on the input (the view keeps the geometry), but got shape {tuple(out.shape)}."
+            )
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -247,15 +321,52 @@ class RandomFlip(Augmentation):
                 raise ValueError("Expected argument `dims` to exclude the batch dimension 0, but got 0.")
         self.dims = dims
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _flip(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, list[Tensor]]:
+        """The view and, per dimension in ``dims``, the ``(B,)`` mask of the samples it flipped."""
         _check_batch(x, "RandomFlip", floating=False)
         for d in self.dims:
             if not -x.dim() < d < x.dim() or d % x.dim() == 0:
                 raise ValueError(f"`RandomFlip` cannot flip dimension {d} of a batch of shape {tuple(x.shape)}.")
-        out = x
+        out, flips = x, []
         for d in self.dims:
             flip = torch.rand(x.shape[0], device=x.device, generator=generator) < self.p
             out = torch.where(flip.view(-1, *([1] * (x.dim() - 1))), out.flip(d), out)
+            flips.append(flip)
+        return out, flips
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self._flip(x, generator)[0]
+
+    @property
+    def moves_elements(self) -> bool:
+        return self.p > 0
+
+    @property
+    def can_invert_output(self) -> bool:
+        return True
+
+    def views_and_params(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Any]]:
+        out, flips = self._flip(x, generator)
+        return [out], [(flips, x.dim())]
+
+    def invert_output(self, out: Tensor, params: Any, size: Sequence[int]) -> Tensor:
+        """Flip each sample's dense output back along the dimensions its input was flipped along.
+
+        A dimension ``d`` of the ``(B, C_in, *d)`` input is the same dimension of the ``(B, C, *d')`` output;
+        only spatial dimensions (``>= 2``) have a meaning there.
+        """
+        if params is None:
+            return super().invert_output(out, params, size)
+        flips, ndim = params
+        for d, flip in reversed(list(zip(self.dims, flips))):
+            dd = d % ndim
+            if dd < 2 or out.dim() != ndim:
+                raise ValueError(
+                    f"`RandomFlip` flipped dimension {d} of a {ndim}-D input, which is not a spatial dimension of the"
+                    f" dense output of shape {tuple(out.shape)}, so it cannot map a dense prediction on its view back."
+                    " Flip spatial dimensions only (e.g. `dims=[-1]`, the width of (B, C, H, W) images)."
+                )
+            out = torch.where(flip.view(-1, *([1] * (out.dim() - 1))), out.flip(dd), out)
         return out
 
 
@@ -317,6 +428,10 @@ class RandomResizedCrop(Augmentation):
         grid = F.affine_grid(theta.to(dtype), [b, x.shape[1], h, w], align_corners=False)
         out = F.grid_sample(x.to(dtype), grid, mode=self.mode, padding_mode="border", align_corners=False)
         return out.to(x.dtype)
+
+    @property
+    def moves_elements(self) -> bool:
+        return True
 
 
 class MultiScale(Augmentation):
@@ -398,6 +513,31 @@ class MultiScale(Augmentation):
     def views(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         _check_batch(x, "MultiScale", dims=(3, 4))
         return [self._rescale(x, s) for s in self.scales]
+
+    @property
+    def moves_elements(self) -> bool:
+        return not self.keep_size and any(s != 1.0 for s in self.scales)
+
+    @property
+    def can_invert_output(self) -> bool:
+        return True
+
+    def invert_output(self, out: Tensor, params: Any, size: Sequence[int]) -> Tensor:
+        """Resize a dense output on a rescaled view back to ``size``, bilinearly (linearly for ``(B, C, L)``).
+
+        As ADELE's and DeepLab's multi-scale code, the logits are resized with ``align_corners=False``; an
+        output already of ``size`` (the scale-1 view, or ``keep_size=True``) is returned as it is.
+        """
+        if tuple(out.shape[2:]) == tuple(size):
+            return out
+        if out.dim() not in (3, 4) or len(size) != out.dim() - 2:
+            raise ValueError(
+                f"`MultiScale` resizes (B, C, L) or (B, C, H, W) outputs back, but got shape {tuple(out.shape)} and"
+                f" size {tuple(size)}."
+            )
+        mode = "bilinear" if out.dim() == 4 else "linear"
+        back = F.interpolate(out.to(_compute_dtype(out)), size=tuple(size), mode=mode, align_corners=False)
+        return back.to(out.dtype)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_batch(x, "MultiScale", dims=(3, 4))
@@ -539,6 +679,10 @@ class WeakAugment(Augmentation):
             valid = valid_r.view(b, 1, h, 1) & valid_c.view(b, 1, 1, w)
             out = torch.where(valid, out, torch.full((), self.fill, dtype=x.dtype, device=dev))
         return out
+
+    @property
+    def moves_elements(self) -> bool:
+        return self.flip_p > 0 or self.translate > 0
 
 
 class Cutout(Augmentation):
@@ -829,6 +973,10 @@ class RandAugment(Augmentation):
             u = torch.where(mask, torch.full((), self.cutout_fill, dtype=dtype, device=dev), u)
         return _from_unit(x, u_in, u, lo, scale)
 
+    @property
+    def moves_elements(self) -> bool:
+        return self.num_ops > 0 and any(op in _GEOMETRIC_OPS for op in self.ops)
+
 
 class Compose(Augmentation):
     """Apply augmentations in sequence; multi-view members fan out into several views.
@@ -870,6 +1018,37 @@ class Compose(Augmentation):
         out = [x]
         for a in self.augmentations:
             out = [v for prev in out for v in (a.views(prev) if generator is None else a.views(prev, generator))]
+        return out
+
+    @property
+    def moves_elements(self) -> bool:
+        return any(a.moves_elements for a in self.augmentations)
+
+    @property
+    def can_invert_output(self) -> bool:
+        return all(a.can_invert_output for a in self.augmentations)
+
+    def views_and_params(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Any]]:
+        out: list[tuple[Tensor, list[Any]]] = [(x, [])]
+        for a in self.augmentations:
+            nxt: list[tuple[Tensor, list[Any]]] = []
+            for prev, chain in out:
+                views, params = a.views_and_params(prev) if generator is None else a.views_and_params(prev, generator)
+                nxt.extend((v, [*chain, p]) for v, p in zip(views, params))
+            out = nxt
+        return [v for v, _ in out], [chain for _, chain in out]
+
+    def invert_output(self, out: Tensor, params: Any, size: Sequence[int]) -> Tensor:
+        """Undo the members' moves last to first (each member's record from :meth:`views_and_params`).
+
+        Every member gets the final ``size``: a flip keeps the output's own grid and a rescale resizes to it,
+        so the result is on the input's grid whatever the order.
+        """
+        chain = [None] * len(self.augmentations) if params is None else params
+        for a, p in reversed(list(zip(self.augmentations, chain))):
+            out = a.invert_output(out, p, size) if a.moves_elements else out
+        if tuple(out.shape[2:]) != tuple(size):
+            return super().invert_output(out, None, size)  # a clear error
         return out
 
 

@@ -545,3 +545,102 @@ def test_fixmatch_views_do_not_sync_with_the_host() -> None:
             aug(x.to(torch.bfloat16))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- geometry: which views move elements, and mapping dense predictions back (consistency on dense outputs) -------
+def test_geometry_flags() -> None:
+    keeps = [
+        GaussianNoise(),
+        PatchMask(),
+        Cutout(),
+        RandAugment(ops=["brightness", "contrast", "solarize"]),
+        RandomFlip(p=0.0),
+        MultiScale(keep_size=True),
+        MultiScale(scales=[1.0]),
+        Compose([GaussianNoise(), PatchMask()]),
+    ]
+    for aug in keeps:
+        assert not aug.moves_elements and aug.can_invert_output, aug
+    moves = {
+        RandomFlip(): True,
+        MultiScale(): True,
+        Compose([PatchMask(), RandomFlip(dims=[-1, -2])]): True,
+        Compose([RandomFlip(), MultiScale(scales=[0.5, 1.0])]): True,
+        RandomResizedCrop(): False,
+        WeakAugment(): False,
+        RandAugment(): False,
+        Compose([RandomFlip(), RandomResizedCrop()]): False,
+    }
+    for aug, invertible in moves.items():
+        assert aug.moves_elements and aug.can_invert_output == invertible, aug
+
+
+def test_views_and_params_leave_the_views_unchanged() -> None:
+    x = torch.randn(6, 2, 5, 7)
+    for aug in (RandomFlip(dims=[-1, -2]), MultiScale(), GaussianNoise(), Compose([RandomFlip(), PatchMask(2)])):
+        torch.manual_seed(3)
+        plain = aug.views(x)
+        torch.manual_seed(3)
+        views, params = aug.views_and_params(x)
+        assert len(views) == len(params) == aug.num_views
+        for a, b in zip(plain, views):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_random_flip_output_is_flipped_back_per_sample() -> None:
+    # An "identity model": the output is the input, so the inverse must give the input back exactly.
+    x = torch.randn(8, 3, 4, 6)
+    aug = RandomFlip(p=0.5, dims=[-1, -2])
+    torch.manual_seed(0)
+    (view,), (param,) = aug.views_and_params(x)
+    assert not torch.equal(view, x)  # the seed flips some samples
+    torch.testing.assert_close(aug.invert_output(view, param, (4, 6)), x, rtol=0, atol=0)
+    # The output may have another channel count (classes) than the input: the spatial dims are flipped back.
+    out = view.repeat(1, 2, 1, 1)
+    torch.testing.assert_close(aug.invert_output(out, param, (4, 6)), x.repeat(1, 2, 1, 1), rtol=0, atol=0)
+    # A flip of the channel dimension has no spatial meaning on the output: a clear error.
+    bad = RandomFlip(p=1.0, dims=[1])
+    (_,), (p1,) = bad.views_and_params(x)
+    with pytest.raises(ValueError, match=r"`RandomFlip` flipped dimension 1 .* not a spatial dimension"):
+        bad.invert_output(x, p1, (4, 6))
+
+
+def test_multiscale_output_is_resized_back_bilinearly() -> None:
+    x = torch.randn(2, 1, 8, 8)
+    ms = MultiScale(scales=[0.5, 1.0, 1.5])
+    views, params = ms.views_and_params(x)
+    for v, p in zip(views, params):
+        out = torch.randn(2, 4, *v.shape[2:])
+        back = ms.invert_output(out, p, (8, 8))
+        if v.shape[2:] == x.shape[2:]:
+            assert back is out  # the scale-1 view's output is already on the grid
+        else:
+            expected = torch.nn.functional.interpolate(out, size=(8, 8), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(back, expected, rtol=0, atol=0)
+    # (B, C, L) signals resize linearly; half precision on the CPU is computed in fp32 and returned as is.
+    out = torch.randn(2, 3, 12, dtype=torch.bfloat16)
+    back = ms.invert_output(out, None, (8,))
+    assert back.shape == (2, 3, 8) and back.dtype == torch.bfloat16
+
+
+def test_compose_maps_back_in_reverse_order() -> None:
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    aug = Compose([RandomFlip(p=1.0), MultiScale(scales=[2.0])])
+    (view,), (param,) = aug.views_and_params(x)
+    assert view.shape == (1, 1, 8, 8)
+    back = aug.invert_output(view, param, (4, 4))
+    expected = torch.nn.functional.interpolate(view, size=(4, 4), mode="bilinear", align_corners=False).flip(-1)
+    torch.testing.assert_close(back, expected, rtol=0, atol=0)
+
+
+def test_views_that_cannot_be_mapped_back_say_so() -> None:
+    x = torch.randn(2, 1, 8, 8)
+    for aug in (RandomResizedCrop(), WeakAugment(), RandAugment(), Compose([RandomFlip(), WeakAugment()])):
+        _, params = aug.views_and_params(x)
+        with pytest.raises(ValueError, match=r"cannot map a dense prediction on its view back"):
+            aug.invert_output(torch.randn(2, 4, 8, 8), params[0], (8, 8))
+    # A view that keeps the geometry maps back as is, but only onto its own grid.
+    out = torch.randn(2, 4, 8, 8)
+    assert PatchMask(2).invert_output(out, None, (8, 8)) is out
+    with pytest.raises(ValueError, match=r"Expected the output on `PatchMask`'s view to have the spatial size"):
+        PatchMask(2).invert_output(out, None, (4, 4))
