@@ -1,6 +1,8 @@
 """2-process DDP (or single-process) writer for ``PerSampleTable`` tests.
 
-Usage: ``python -m tests.table_ddp_worker OUT_DIR MODE`` with MODE ``ddp`` or ``single``.
+Usage: ``python -m tests.table_ddp_worker OUT_DIR MODE [padded]`` with MODE ``ddp`` or ``single``. With ``padded``
+the rows are gathered with :meth:`PerSampleTable.gather` padded to the batch size (no size exchange) together with
+a second, scalar table's rows, in one all-gather per step; the gathers and steps are counted.
 
 Every step writes rows that are a deterministic function of (index, step) for the step's global batch,
 so the final table depends only on which samples were visited when. The DDP run uses
@@ -48,16 +50,38 @@ class RankBatches(Sampler[list[int]]):
 
 
 class Writer(L.LightningModule):
-    def __init__(self, table: PerSampleTable) -> None:
+    def __init__(self, table: PerSampleTable, padded: bool = False) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.table = table
+        self.padded = padded
+        self.scalar = PerSampleTable()
+        self.gathers = self.steps = 0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         index = batch
         if not self.table.is_allocated:
             self.table.allocate(N, C, self.device)
-        self.table.write(index, rows_for(index, self.global_step), strategy=self.trainer.strategy)
+            self.scalar.allocate(N, None, self.device)
+        rows = rows_for(index, self.global_step)
+        strategy = self.trainer.strategy
+        if not self.padded:
+            self.table.write(index, rows, strategy=strategy)
+            return (self.w**2).sum()
+        gather = strategy.all_gather
+
+        def counted(*a: Any, **k: Any) -> Any:
+            self.gathers += 1
+            return gather(*a, **k)
+
+        strategy.all_gather = counted  # type: ignore[method-assign]
+        try:
+            gathered, (r, s) = PerSampleTable.gather(strategy, index, rows, rows[:, 0] * 2, pad_to=BATCH)
+        finally:
+            del strategy.all_gather
+        self.steps += 1
+        self.table.write_gathered(gathered, r)
+        self.scalar.write_gathered(gathered, s)
         return (self.w**2).sum()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -69,7 +93,9 @@ def single_batches() -> list[list[int]]:
     return [*batches, [5, 6, 7, 6]]
 
 
-def run(out_dir: str, mode: str, dtype: str = "float32", topk: int | None = None) -> PerSampleTable:
+def run(
+    out_dir: str, mode: str, dtype: str = "float32", topk: int | None = None, padded: bool = False
+) -> PerSampleTable:
     table = PerSampleTable(dtype=dtype, topk=topk)
     ds = torch.arange(N)
     if mode == "ddp":
@@ -79,11 +105,15 @@ def run(out_dir: str, mode: str, dtype: str = "float32", topk: int | None = None
         loader = DataLoader(ds, batch_sampler=ListBatchSampler(single_batches()))
         kw = trainer_kwargs()
     trainer = L.Trainer(max_epochs=1, **kw)
-    trainer.fit(Writer(table), train_dataloaders=loader)
+    writer = Writer(table, padded)
+    trainer.fit(writer, train_dataloaders=loader)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.save(table.state_dict(), Path(out_dir) / f"{mode}_rank{trainer.global_rank}.pt")
+    if padded:
+        extra = {"gathers": writer.gathers, "steps": writer.steps, "scalar": writer.scalar.dense()}
+        torch.save(extra, Path(out_dir) / f"{mode}_rank{trainer.global_rank}_extra.pt")
     return table
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2])
+    run(sys.argv[1], sys.argv[2], padded=sys.argv[3:] == ["padded"])

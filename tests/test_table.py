@@ -273,3 +273,113 @@ def test_cuda_table_reads_writes_and_checkpoints(dtype: str) -> None:
     fresh.load_state_dict(table.state_dict())
     fresh.allocate(300, 7, device=dev)
     assert fresh.device.type == "cuda" and torch.equal(fresh.dense(), table.dense())
+
+
+# -- one sync-free all-gather per step for several tables (issue 16) ---------------------------------
+class _TwoRanks:
+    """A stand-in for a 2-rank strategy: rank 0 here, rank 1's gathered buffer given (or echoed to record it)."""
+
+    world_size = 2
+
+    def __init__(self, peer: torch.Tensor | None = None) -> None:
+        self.peer, self.sent, self.calls = peer, None, 0
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.sent = t
+        return torch.stack([t, t if self.peer is None else self.peer])
+
+
+def _two_rank_gather(idx0, vals0, idx1, vals1, pad_to):  # type: ignore[no-untyped-def]
+    rank1 = _TwoRanks()
+    PerSampleTable.gather(rank1, idx1, *vals1, pad_to=pad_to)
+    rank0 = _TwoRanks(peer=rank1.sent)
+    index, values = PerSampleTable.gather(rank0, idx0, *vals0, pad_to=pad_to)
+    return rank0, index, values
+
+
+def test_gather_is_one_collective_for_all_tables_and_needs_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs: list[str] = []
+    for name in ("cpu", "item", "tolist", "__bool__", "__int__", "__float__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):  # type: ignore[no-untyped-def]
+            syncs.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    targets = torch.softmax(torch.randn(3, 4), dim=1)
+    meta = torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, 1.0]])
+    strategy, index, (t, m) = _two_rank_gather(
+        torch.tensor([2, 0, 5]), (targets, meta), torch.tensor([1]), (targets[:1] * 2, meta[:1] + 1), pad_to=4
+    )
+    assert strategy.calls == 1 and syncs == []
+    monkeypatch.undo()
+    assert index.tolist() == [2, 0, 5, -1, 1, -1, -1, -1]  # padded rows are marked -1
+    torch.testing.assert_close(t[:3], targets)
+    torch.testing.assert_close(m[4], meta[0] + 1)
+    a = PerSampleTable(num_samples=6, num_columns=4).allocate()
+    b = PerSampleTable(num_samples=6, num_columns=2).allocate()
+    a.write_gathered(index, t)
+    b.write_gathered(index, m)
+    assert a.seen.tolist() == [True, True, True, False, False, True]  # type: ignore[union-attr]
+    torch.testing.assert_close(a.read(torch.tensor([1]))[0][0], targets[0] * 2)
+    torch.testing.assert_close(b.read(torch.tensor([5]))[0][0], meta[2])
+
+
+def test_large_indices_survive_the_float_buffer() -> None:
+    big = torch.tensor([2**24 + 1, 2**30 + 3, 7])
+    _, index, _ = _two_rank_gather(big, (torch.zeros(3, 1),), big[:1], (torch.zeros(1, 1),), pad_to=3)
+    assert index.tolist() == [2**24 + 1, 2**30 + 3, 7, 2**24 + 1, -1, -1]
+
+
+def test_padded_rows_never_win_over_a_real_write_of_the_same_index() -> None:
+    t = PerSampleTable(num_samples=3, num_columns=2).allocate()
+    t.write(torch.tensor([0, 1]), torch.tensor([[0.5, 0.5], [0.2, 0.8]]))
+    # A padded row (-1) before and after real writes of index 0: the real rows win, the last real one last.
+    index = torch.tensor([-1, 0, -1, 0, -1])
+    rows = torch.tensor([[9.0, 9.0], [0.1, 0.9], [9.0, 9.0], [0.3, 0.7], [9.0, 9.0]])
+    t.write_gathered(index, rows)
+    got, seen = t.read(torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(got, torch.tensor([[0.3, 0.7], [0.2, 0.8], [0.0, 0.0]]))
+    assert seen.tolist() == [True, True, False]  # padded rows mark nothing as seen
+
+
+def test_gather_refuses_a_batch_above_pad_to() -> None:
+    with pytest.raises(ValueError, match="Expected a batch of at most 2 rows"):
+        PerSampleTable.gather(_TwoRanks(), torch.arange(3), torch.zeros(3, 2), pad_to=2)
+
+
+def test_gather_single_process_is_the_identity() -> None:
+    index, (v,) = PerSampleTable.gather(None, torch.tensor([1, 0]), torch.ones(2, 3), pad_to=8)
+    assert index.tolist() == [1, 0] and v.shape == (2, 3)
+
+
+def test_two_process_ddp_padded_gather_equals_single_process(tmp_path: Path) -> None:
+    """Two tables written from ONE all-gather per step, padded to the batch size: same tables as one process."""
+    run_ddp_script("tests.table_ddp_worker", str(tmp_path), "ddp", "padded", timeout=300)
+    r0 = torch.load(tmp_path / "ddp_rank0.pt")
+    r1 = torch.load(tmp_path / "ddp_rank1.pt")
+    single = run(str(tmp_path), "single").state_dict()
+    assert_state_equal(r0, r1, "rank0 vs rank1")
+    assert_state_equal(r0, single, "ddp vs single")
+    extra0 = torch.load(tmp_path / "ddp_rank0_extra.pt")
+    assert extra0["gathers"] == extra0["steps"]  # one collective per step for both tables
+    torch.testing.assert_close(extra0["scalar"], single["values"][:, 0] * 2)
+
+
+def test_sync_free_last_wins_matches_dedupe_last() -> None:
+    """The accelerator path (no compaction) writes the same winners as the host path's `dedupe_last`."""
+    from lightning_reg.core.table import _last_wins
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        index = torch.randint(0, 6, (12,), generator=g)
+        real = torch.rand(12, generator=g) > 0.3
+        values = torch.randn(12, 2, generator=g)
+        i_ref, v_ref = dedupe_last(index, values, real)
+        i, v = _last_wins(index, values, real)
+        expected = dict(zip(i_ref.tolist(), v_ref.tolist()))
+        assert set(i.tolist()) == set(expected)
+        for k, row in zip(i.tolist(), v.tolist()):
+            assert row == expected[k]

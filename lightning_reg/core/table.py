@@ -12,6 +12,14 @@ the one abstraction they share. It is modelled on torchmetrics' ``add_state``:
   the same samples. When ranks write the same index in one step (the padding
   ``DistributedSampler`` adds) the write from the highest rank, and within a
   rank the last position, wins: deterministic and rank-independent.
+* **No host sync under DDP.** With ``pad_to`` (the loader's batch size, see
+  :func:`train_batch_size`) every rank pads its rows to the same size, known
+  without communication, so the gather needs no size exchange. Padded rows carry
+  index ``-1`` and are dropped on device: they never win over a real write of
+  the same index and mark nothing as seen. :meth:`gather` gathers the rows of
+  several tables in ONE all-gather (one float buffer) and
+  :meth:`write_gathered` applies them per table. Without ``pad_to`` the ranks
+  exchange their batch sizes first (one host sync per write).
 * **Safety.** Rows with a non-finite value are not written (the old row is
   kept), so one NaN batch cannot corrupt the table.
 * **Checkpoints.** :meth:`state_dict` / :meth:`load_state_dict` hold plain
@@ -61,7 +69,7 @@ from torch import Tensor
 
 from lightning_reg.core.validation import check_choice, check_optional_int
 
-__all__ = ["PerSampleTable", "dedupe_last", "resolve_dtype"]
+__all__ = ["PerSampleTable", "dedupe_last", "resolve_dtype", "train_batch_size"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -88,21 +96,56 @@ def resolve_dtype(dtype: str | torch.dtype, name: str = "dtype") -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def dedupe_last(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+def dedupe_last(index: Tensor, values: Tensor, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Keep, for each repeated index, only its last occurrence (vectorised, deterministic).
+
+    Args:
+        index: ``(R,)`` integer indices.
+        values: ``(R, ...)`` rows.
+        real: Optional ``(R,)`` bool: rows marked ``False`` (padding) lose to any ``True`` row of the same
+            index, wherever they stand.
 
     Example:
         >>> i, v = dedupe_last(torch.tensor([3, 1, 3]), torch.tensor([[1.0], [2.0], [3.0]]))
         >>> i.tolist(), v.tolist()
         ([1, 3], [[2.0], [3.0]])
+        >>> i, v = dedupe_last(torch.tensor([3, 3]), torch.tensor([1.0, 2.0]), real=torch.tensor([True, False]))
+        >>> i.tolist(), v.tolist()
+        ([3], [1.0])
     """
     if index.numel() <= 1:
         return index, values
-    sorted_idx, order = torch.sort(index, stable=True)
+    key = index if real is None else index * 2 + real.long()  # padding sorts before the real rows of its index
+    _, order = torch.sort(key, stable=True)
+    sorted_idx = index[order]
     keep = torch.ones_like(sorted_idx, dtype=torch.bool)
     keep[:-1] = sorted_idx[1:] != sorted_idx[:-1]
     sel = order[keep]
     return index[sel], values[sel]
+
+
+def _last_wins(index: Tensor, values: Tensor, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`dedupe_last` without a host sync: every row of a repeated index gets the winning row's values.
+
+    The rows are not compacted (a boolean selection would wait for the device), so a repeated index is
+    written several times with the same values: the result does not depend on the order of the writes.
+
+    Example:
+        >>> i, v = _last_wins(torch.tensor([3, 1, 3]), torch.tensor([[1.0], [2.0], [3.0]]))
+        >>> i.tolist(), v.tolist()
+        ([1, 3, 3], [[2.0], [3.0], [3.0]])
+    """
+    if index.numel() <= 1:
+        return index, values
+    key = index if real is None else index * 2 + real.long()
+    _, order = torch.sort(key, stable=True)
+    sorted_idx = index[order]
+    last = torch.ones_like(sorted_idx, dtype=torch.bool)
+    last[:-1] = sorted_idx[1:] != sorted_idx[:-1]
+    pos = torch.arange(sorted_idx.numel(), device=index.device)
+    big = torch.full_like(pos, sorted_idx.numel())
+    group_last = torch.flip(torch.cummin(torch.flip(torch.where(last, pos, big), [0]), 0).values, [0])
+    return sorted_idx, values[order[group_last]]
 
 
 def _copy_is_async(src: torch.device, dst: torch.device) -> bool:
@@ -347,7 +390,7 @@ class PerSampleTable:
         rows, seen = _to_device(rows, out_dev), _to_device(seen, out_dev)
         return (rows.squeeze(1) if self.num_columns is None else rows), seen
 
-    def write(self, index: Tensor, values: Tensor, strategy: Any = None) -> None:
+    def write(self, index: Tensor, values: Tensor, strategy: Any = None, pad_to: int | None = None) -> None:
         """Write rows for ``index`` on every rank.
 
         Args:
@@ -356,6 +399,7 @@ class PerSampleTable:
             strategy: The Lightning strategy (``trainer.strategy``). When its
                 world size is above one, the writes of all ranks are gathered
                 and applied on every rank.
+            pad_to: Rows every rank pads to before the gather (see :meth:`gather`): no host sync.
         """
         if self.values is None or self.seen is None:
             raise RuntimeError("The table is not allocated yet; call `allocate` first.")
@@ -371,8 +415,102 @@ class PerSampleTable:
             self._check_index(index)
         index = index.long()
         if strategy is not None and getattr(strategy, "world_size", 1) > 1:
-            index, values = _gather_rows(strategy, index, values.float())
-        index, values = dedupe_last(index, values)
+            index, (values,) = self.gather(strategy, index, values, pad_to=pad_to)
+            self._apply(index, values, padded=True)
+        else:
+            self._apply(index, values, padded=False)
+
+    @staticmethod
+    def gather(strategy: Any, index: Tensor, *values: Tensor, pad_to: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        """All-gather ``index`` and the rows of one or more tables from every rank in ONE collective.
+
+        The rows are cast to fp32 and concatenated with the index (split into two exactly representable
+        parts) into one ``(B, 2 + sum(columns))`` buffer, padded to ``pad_to`` rows, and all-gathered. Padded
+        rows come back with index ``-1``; :meth:`write_gathered` drops them on device.
+
+        Args:
+            strategy: The Lightning strategy (``trainer.strategy``); ``None`` or a world size of one returns the
+                local ``index`` and ``values`` as they are.
+            index: ``(B,)`` integer dataset indices of this rank's batch.
+            *values: ``(B, C_k)`` (or ``(B,)``) rows, one tensor per table.
+            pad_to: Rows every rank pads to (the loader's batch size, see :func:`train_batch_size`): no host
+                sync. ``None``: the ranks exchange their batch sizes first (one host sync).
+
+        Returns:
+            ``(index, [values...])`` in rank order (``world_size * pad_to`` rows), detached, fp32 values in the
+            shapes given (``(R,)`` for ``(B,)`` inputs).
+
+        Raises:
+            ValueError: If this rank's batch has more than ``pad_to`` rows.
+        """
+        values = tuple(v.detach() for v in values)
+        b = index.shape[0]
+        for v in values:
+            if v.shape[0] != b:
+                raise ValueError(f"Expected {b} rows for {b} indices, got {v.shape[0]}.")
+        if strategy is None or getattr(strategy, "world_size", 1) <= 1:
+            return index, list(values)
+        if pad_to is None:  # the ranks' batch sizes are not known in advance: exchange them (one host sync)
+            sizes = strategy.all_gather(torch.tensor([b], device=index.device)).reshape(-1)
+            pad_to = int(sizes.max().cpu())
+        elif b > pad_to:
+            raise ValueError(
+                f"Expected a batch of at most {pad_to} rows (`pad_to`, the loader's batch size) to gather per-sample"
+                f" table rows across ranks, but got {b}. Pass the largest batch size any rank can have."
+            )
+        index = index.long()
+        cols = [v.reshape(b, -1) for v in values]
+        widths = [c.shape[1] for c in cols]
+        dev = index.device
+        hi = torch.div(index, _INDEX_SPLIT, rounding_mode="floor")
+        lo = index - hi * _INDEX_SPLIT  # both exact in fp32 (|hi| < 2**24, 0 <= lo < 2**20)
+        buf = torch.cat(
+            [hi.unsqueeze(1).float(), lo.unsqueeze(1).float(), *(c.to(dev, torch.float32) for c in cols)], 1
+        )
+        if pad_to > b:
+            pad = buf.new_zeros((pad_to - b, buf.shape[1]))
+            pad[:, 0] = -1.0
+            pad[:, 1] = float(_INDEX_SPLIT - 1)  # hi * SPLIT + lo = -1
+            buf = torch.cat([buf, pad])
+        out = strategy.all_gather(buf).reshape(-1, buf.shape[1])
+        all_idx = out[:, 0].long() * _INDEX_SPLIT + out[:, 1].long()
+        parts = list(out[:, 2:].split(widths, dim=1))
+        shaped = [p.reshape(-1, *v.shape[1:]) for p, v in zip(parts, values)]
+        return all_idx, shaped
+
+    def write_gathered(self, index: Tensor, values: Tensor) -> None:
+        """Write rows returned by :meth:`gather` (no collective): padded rows (index ``-1``) are dropped on device.
+
+        Args:
+            index: The gathered ``(R,)`` indices; ``-1`` marks a padded row.
+            values: This table's gathered ``(R, C)`` (or ``(R,)``) rows.
+        """
+        if self.values is None or self.seen is None:
+            raise RuntimeError("The table is not allocated yet; call `allocate` first.")
+        values = values.detach()
+        if values.dim() == 1:
+            values = values.unsqueeze(1)
+        if values.shape[0] != index.shape[0]:
+            raise ValueError(f"Expected {index.shape[0]} rows for {index.shape[0]} indices, got {values.shape[0]}.")
+        expected = self.num_columns or 1
+        if values.shape[1] != expected:
+            raise ValueError(f"Expected rows of width {expected}, but got {values.shape[1]}.")
+        self._apply(index.long(), values, padded=True)
+
+    def _apply(self, index: Tensor, values: Tensor, padded: bool) -> None:
+        """Dedupe and write rows (``padded``: rows with index ``-1`` are padding and never written)."""
+        assert self.values is not None and self.seen is not None
+        real = None
+        if padded:  # a padded row goes to row 0 with non-finite values: it keeps the old row and loses to real ones
+            real = index >= 0
+            index = torch.where(real, index, torch.zeros((), dtype=index.dtype, device=index.device))
+            values = torch.where(real.unsqueeze(1), values.float(), torch.full((), float("nan"), device=values.device))
+            if index.device.type == "cpu" or self.values.device.type != "cpu":
+                self._check_index(index)
+        if self.values.device.type == "cpu" or index.device.type == "cpu":
+            index, values = dedupe_last(index, values, real)  # on the host: compact
+        else:
+            index, values = _last_wins(index, values, real)  # on the device: no host sync
         if self.values.device.type == "cpu" and index.device.type != "cpu":
             idx, values = _to_host(index, values)  # one wait for both: see the module docs
             self._check_index(idx)
@@ -449,18 +587,35 @@ class PerSampleTable:
         return f"PerSampleTable(shape={shape}, dtype={self.dtype}, device={self.device_spec!r}, topk={self.topk})"
 
 
-def _gather_rows(strategy: Any, index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """All-gather variable-size ``(index, values)`` from every rank, in rank order."""
-    b = index.shape[0]
-    sizes = strategy.all_gather(torch.tensor([b], device=index.device)).reshape(-1).cpu()
-    max_b, min_b = int(sizes.max()), int(sizes.min())
-    if max_b != b:
-        pad = max_b - b
-        index = torch.cat([index, index.new_full((pad,), -1)])
-        values = torch.cat([values, values.new_zeros((pad, values.shape[1]))])
-    all_idx = strategy.all_gather(index).reshape(-1)
-    all_val = strategy.all_gather(values).reshape(-1, values.shape[1])
-    if min_b != max_b:
-        keep = all_idx >= 0
-        all_idx, all_val = all_idx[keep], all_val[keep]
-    return all_idx, all_val
+_INDEX_SPLIT = 2**20  # an index travels in the fp32 buffer as (index // 2**20, index % 2**20): exact below 2**44
+
+
+def train_batch_size(trainer: Any) -> int | None:
+    """The largest batch one training step can have on a rank, from the train loader(s), without communication.
+
+    A ``DataLoader``'s ``batch_size`` (or its batch sampler's); for several loaders combined into one step (a
+    ``CombinedLoader``, a dict or a list of loaders: the semi-supervised form) the sum. ``None`` when unknown
+    (e.g. a custom batch sampler without ``batch_size``): then :meth:`PerSampleTable.gather` exchanges sizes.
+    """
+    try:
+        loader = trainer.train_dataloader
+    except Exception:  # no trainer or loop yet
+        return None
+    return _loader_batch_size(loader)
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    if loader is None:
+        return None
+    iterables = getattr(loader, "iterables", None)  # lightning's CombinedLoader
+    if iterables is not None and not hasattr(loader, "batch_size"):
+        return _loader_batch_size(iterables)
+    if isinstance(loader, dict):
+        loader = list(loader.values())
+    if isinstance(loader, (list, tuple)):
+        sizes = [_loader_batch_size(x) for x in loader]
+        return None if not sizes or any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
