@@ -6,9 +6,10 @@ Three questions, answered from the same runs (same seeds, data, noise, model, op
   clipping, ELR, consistency) and every pair of them, on paired seeds. A pair *adds* when it beats the
   better of its two singles by more than two standard errors of the paired difference, and *interferes*
   when it loses to it by more than two; otherwise the pair is *neutral*. All six together are run too.
-* **Recommended recipe.** Candidate recipes, chosen beforehand on a held-out seed, are measured on the same
-  paired seeds; the recipe must beat *every* single technique by at least one point, with the paired
-  difference larger than two standard errors.
+* **Recommended recipe.** Two candidate recipes, fixed before the paired seeds ran, are measured on the same
+  paired seeds; the recommended one is the better of the two there (a selection among two on the same seeds:
+  read its margin with that in mind). It must beat *every* single technique by at least one point, with the
+  paired difference larger than two standard errors.
 * **EMA vs live weights** (Polyak averaging; Mean Teacher, Tarvainen & Valpola 2017): the EMA
   weights evaluate at least as well as the live ones and are more stable from epoch to epoch.
 
@@ -140,7 +141,7 @@ SHORT = {
     "NoisyLabelConsistency": "Cons",
 }
 
-#: Recipe candidates, fixed before the paired seeds ran (picked on a held-out seed, see the module docstring).
+#: Recipe candidates, fixed before the paired seeds ran (see the module docstring).
 RECIPES: dict[str, tuple[Callable[[int], list[Callback]], str]] = {
     "recipe: ELR+ (EMA-teacher ELR + Mixup)": (
         lambda e: [_ema(), _elr("ema"), _mixup()],
