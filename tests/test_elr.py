@@ -687,3 +687,23 @@ def test_dense_with_cutmix_and_an_ema_teacher_trains() -> None:
         max_epochs=1,
     )
     assert math.isfinite(float(trainer.callback_metrics["train/loss_elr"]))
+
+
+def test_both_tables_share_one_gather_padded_to_the_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: targets and meta travel in ONE all-gather per step, padded to the loader's batch size."""
+    from lightning_reg.core.table import PerSampleTable
+
+    calls: list[tuple[int | None, int]] = []
+    gather = PerSampleTable.gather
+
+    def recorded(strategy: Any, index: Tensor, *values: Tensor, pad_to: int | None = None) -> Any:
+        calls.append((pad_to, len(values)))
+        return gather(strategy, index, *values, pad_to=pad_to)
+
+    def no_write(*a: Any, **k: Any) -> None:
+        raise AssertionError("ELR writes through `gather` + `write_gathered`")
+
+    monkeypatch.setattr(PerSampleTable, "gather", staticmethod(recorded))
+    monkeypatch.setattr(PerSampleTable, "write", no_write)
+    trainer, _ = fit([ELR(num_samples=64)], loader=make_loader(n=64, batch_size=16), max_epochs=1)
+    assert calls == [(16, 2)] * trainer.global_step

@@ -634,3 +634,19 @@ def test_dense_with_cutmix_and_an_ema_teacher_trains() -> None:
         max_epochs=2,
     )
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_table_writes_are_padded_to_the_loader_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: under DDP the rows are padded to the loader's batch size, so the gather needs no size exchange."""
+    from lightning_reg.core.table import PerSampleTable
+
+    pads: list[int | None] = []
+    write = PerSampleTable.write
+
+    def recorded(self: PerSampleTable, index: Tensor, values: Tensor, strategy: Any = None, pad_to: Any = None) -> None:
+        pads.append(pad_to)
+        write(self, index, values, strategy=strategy, pad_to=pad_to)
+
+    monkeypatch.setattr(PerSampleTable, "write", recorded)
+    trainer, _ = fit([PSKD()], loader=make_loader(n=64, batch_size=16), max_epochs=1)
+    assert pads == [16] * trainer.global_step

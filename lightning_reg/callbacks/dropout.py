@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_reg.core.protocol import RegularizerCallback
 from lightning_reg.core.schedules import Constant, Schedule, ScheduleLike
+from lightning_reg.core.steps import attach, optimizer_steps
 from lightning_reg.core.validation import check_choice, check_float, check_int
 from lightning_reg.functional.dropout import (
     DEFAULT_RATE_ATTRIBUTES,
@@ -56,9 +57,12 @@ class DropoutSchedule(RegularizerCallback):
 
     Before every training batch it sets the rate of each dropout and drop-path
     module to :func:`~lightning_reg.functional.dropout.drop_rate_at` of
-    ``trainer.global_step`` (one value per optimizer step; micro-batches of one
-    accumulation window share it), so a resumed run follows exactly the same
-    schedule. The rule (``C`` = cutoff in optimizer steps):
+    the number of optimizer steps that really ran
+    (:func:`~lightning_reg.core.steps.optimizer_steps`: a step skipped by AMP's
+    ``GradScaler`` or ``GradientClipping(nonfinite="skip")`` does not advance
+    it; one value per optimizer step, micro-batches of one accumulation window
+    share it). The count is checkpointed, so a resumed run follows exactly the
+    same schedule. The rule (``C`` = cutoff in optimizer steps):
 
     * ``mode="early"``: ``"constant"`` gives ``p`` for ``t < C`` then 0;
       ``"linear"`` gives ``linspace(p, 0, C)[t]`` then 0 (the reference's
@@ -196,6 +200,7 @@ class DropoutSchedule(RegularizerCallback):
         self._total: int | None = None
         self._applied: float | None = None
         self._loaded: dict[str, Any] = {}
+        self._steps_trainer: Trainer | None = None  # the trainer whose real optimizer steps drive the schedule
 
     # -- identity / state -----------------------------------------------------------------------------
     @property
@@ -211,6 +216,8 @@ class DropoutSchedule(RegularizerCallback):
             "steps_per_epoch": -1 if self._steps_per_epoch is None else self._steps_per_epoch,
             "cutoff_steps": -1 if self._cutoff is None else self._cutoff,
             "total_steps": -1 if self._total is None else self._total,
+            # The real optimizer steps so far (AMP / non-finite skips excluded): the schedule's position.
+            "optimizer_steps": -1 if self._steps_trainer is None else optimizer_steps(self._steps_trainer),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -257,6 +264,9 @@ class DropoutSchedule(RegularizerCallback):
             self._accept(trainer, pl_module, self._discover(pl_module))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        restored = self._loaded.get("optimizer_steps", -1)
+        attach(trainer, restored=None if restored is None or restored < 0 else int(restored))
+        self._steps_trainer = trainer
         batches = trainer.num_training_batches
         total = trainer.estimated_stepping_batches
         self._total = int(total) if math.isfinite(total) else None
@@ -284,7 +294,7 @@ class DropoutSchedule(RegularizerCallback):
         self._check_compile(pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        rate = self.rate_at(trainer.global_step)
+        rate = self.rate_at(optimizer_steps(trainer))  # real optimizer steps: a skipped step does not advance it
         if rate != self._applied:
             set_drop_rates_(self._found or [], rate)
             self._applied = rate

@@ -19,7 +19,8 @@ from lightning_reg.core.protocol import (
     regularizers_of,
 )
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
-from lightning_reg.core.table import PerSampleTable
+from lightning_reg.core.steps import attach, optimizer_steps
+from lightning_reg.core.table import PerSampleTable, train_batch_size
 from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
 from lightning_reg.functional.cutmix import paste_box
 from lightning_reg.functional.elr import (
@@ -114,8 +115,8 @@ class ELR(LossRegularizer):
         lam_schedule: A multiplier on ``lam``: ``"constant"`` (default), ``"sigmoid_rampup"`` (ELR+),
             or any :mod:`~lightning_reg.core.schedules` name or instance.
         ramp_length: The schedule's length in ``ramp_unit`` (``None``: the whole run; 0: no ramp).
-        ramp_unit: ``"epoch"`` (Lightning's ``current_epoch``) or ``"step"`` (``global_step``, as ELR+'s
-            ``coef_step``).
+        ramp_unit: ``"epoch"`` (Lightning's ``current_epoch``) or ``"step"`` (the optimizer steps that really
+            ran, :func:`~lightning_reg.core.steps.optimizer_steps`, as ELR+'s ``coef_step``).
         teacher: ``"none"`` (the student's own predictions update the targets) or ``"ema"`` (ELR+).
         table_dtype: Storage dtype of the targets: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         table_device: ``"auto"`` (the module's device), ``"cpu"`` (host memory) or a device string.
@@ -196,6 +197,9 @@ class ELR(LossRegularizer):
         self._ramp_total: float | None = None
         self._global_rank = 0
         self._ready = False
+        self._pad_to: int | None = None
+        self._steps_trainer: Trainer | None = None  # whose real optimizer steps drive `ramp_unit="step"`
+        self._restored_steps: int | None = None
         self._compact = self.table_dtype != "float32" or self.topk is not None
 
     # -- setup ----------------------------------------------------------------
@@ -223,6 +227,8 @@ class ELR(LossRegularizer):
                 )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        attach(trainer, restored=self._restored_steps)  # the real optimizer steps (skipped steps not counted)
+        self._steps_trainer = trainer
         self._ramp_total = None
         if self.ramp_length is not None:
             self._ramp_total = float(self.ramp_length)
@@ -234,7 +240,7 @@ class ELR(LossRegularizer):
     # -- schedule -------------------------------------------------------------
     def current_lam(self, trainer: Trainer) -> float:
         r""":math:`\lambda_t = \lambda \cdot` ``lam_schedule(position, ramp_length)``: a pure function of the step."""
-        position = trainer.global_step if self.ramp_unit == "step" else trainer.current_epoch
+        position = optimizer_steps(trainer) if self.ramp_unit == "step" else trainer.current_epoch
         total = self._ramp_total
         if total is None:
             total = float(self.ramp_length) if self.ramp_length is not None else float(trainer.max_epochs or 1)
@@ -249,6 +255,7 @@ class ELR(LossRegularizer):
         n = self.num_samples or self.table.num_samples or infer_num_samples(trainer, type(self).__name__)
         self.table.allocate(n, ctx.num_classes, device=ctx.logits.device)
         self.meta.allocate(n, 2, device=ctx.logits.device)
+        self._pad_to = train_batch_size(trainer)  # DDP: rows padded to it, so the gather needs no size exchange
         self._ready = True
 
     def check_layout(self, ctx: StepContext) -> None:
@@ -332,10 +339,18 @@ class ELR(LossRegularizer):
         stored = new / new.sum(dim=-1, keepdim=True) if self._compact else new
         # Rows with a non-finite value are not written (PerSampleTable.write): NaN rows skip unlabeled samples.
         skip = torch.full((), float("nan"), device=dev)
-        self.table.write(index, torch.where(keep[:, None], stored, skip), strategy=strategy)
         counted = (torch.isfinite(new).all(dim=-1) & keep).to(visits.dtype)  # the table keeps a non-finite row's old
         rows = torch.stack([given.to(new), visits + counted], dim=-1)
-        self.meta.write(index, torch.where(keep[:, None], rows, skip), strategy=strategy)
+        # Both tables' rows from every rank in ONE all-gather, padded to the loader's batch size (no host sync).
+        gathered, (t_rows, m_rows) = PerSampleTable.gather(
+            strategy,
+            index,
+            torch.where(keep[:, None], stored, skip),
+            torch.where(keep[:, None], rows, skip),
+            pad_to=self._pad_to,
+        )
+        self.table.write_gathered(gathered, t_rows)
+        self.meta.write_gathered(gathered, m_rows)
         target = torch.where(keep[:, None], new, torch.zeros((), device=dev))  # unlabeled rows have no target
         if "mixup" in ctx.extras or "cutmix" in ctx.extras:
             if part:  # a labeled row mixed with an unlabeled one mixes with a zero target
@@ -445,6 +460,7 @@ class ELR(LossRegularizer):
             "version": self.version,
             "targets": self.table.state_dict(),
             "meta": self.meta.state_dict(),
+            "optimizer_steps": None if self._steps_trainer is None else optimizer_steps(self._steps_trainer),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -454,4 +470,5 @@ class ELR(LossRegularizer):
             )
         self.table.load_state_dict(state_dict["targets"])
         self.meta.load_state_dict(state_dict["meta"])
+        self._restored_steps = state_dict.get("optimizer_steps")
         self._ready = False

@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_reg.callbacks._per_element import per_element_table_error
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
-from lightning_reg.core.table import PerSampleTable
+from lightning_reg.core.table import PerSampleTable, train_batch_size
 from lightning_reg.core.validation import check_choice, check_float, check_optional_int
 from lightning_reg.functional.pskd import pskd_soft_targets, target_entropy
 
@@ -155,6 +155,7 @@ class PSKD(LossRegularizer):
             num_samples=self.num_samples, dtype=self.table_dtype, device=self.table_device, topk=self.topk
         )
         self._placed = False
+        self._pad_to: int | None = None
         self._teacher: TeacherProvider | None = None
         self._total_steps: int | None = None
 
@@ -234,6 +235,7 @@ class PSKD(LossRegularizer):
         assert ctx.logits is not None
         n = self.num_samples if self.num_samples is not None else infer_num_samples(trainer, "PSKD")
         self.table.allocate(n, ctx.num_classes, device=ctx.logits.device)
+        self._pad_to = train_batch_size(trainer)  # DDP: rows padded to it, so the gather needs no size exchange
         self._placed = True
 
     def _teacher_ready(self, ctx: StepContext) -> bool:
@@ -283,7 +285,7 @@ class PSKD(LossRegularizer):
         preds = preds[:n] if part else preds
         # Rows with a non-finite value are not written (PerSampleTable.write): NaN rows skip unlabeled samples.
         skip = torch.full((), float("nan"), device=preds.device)
-        self.table.write(index, torch.where(keep[:, None], preds, skip), strategy=trainer.strategy)
+        self.table.write(index, torch.where(keep[:, None], preds, skip), strategy=trainer.strategy, pad_to=self._pad_to)
         ctx.logs[f"{self.name}/target_entropy"] = target_entropy(refined, valid=keep)
 
     def _refine_dense(self, ctx: StepContext, alpha: float) -> None:

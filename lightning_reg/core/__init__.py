@@ -26,7 +26,8 @@ from lightning_reg.core.schedules import (
     Warmup,
     get_schedule,
 )
-from lightning_reg.core.table import PerSampleTable
+from lightning_reg.core.steps import optimizer_steps
+from lightning_reg.core.table import PerSampleTable, train_batch_size
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,8 +49,10 @@ __all__ = [
     "find_teacher",
     "get_schedule",
     "infer_num_samples",
+    "optimizer_steps",
     "regularizers_of",
     "soft_cross_entropy",
+    "train_batch_size",
     "unpack_batch",
     "unpack_semi_supervised_batch",
 ]
