@@ -24,7 +24,12 @@ from lightning_reg.core.protocol import LossRegularizer, StepContext
 from lightning_reg.core.schedules import sigmoid_rampup
 from lightning_reg.data import EpochSeededSampler, IndexedDataset, ResumableDataLoader
 from lightning_reg.functional.consistency import (
+    adele_confidence,
     adele_multiscale_consistency,
+    class_agreement_counts,
+    class_iou,
+    confidence_mask,
+    consistency_divergence,
     consistency_loss,
     early_learning_axis,
     early_learning_curve,
@@ -36,6 +41,7 @@ from lightning_reg.functional.consistency import (
 from tests.helpers import (
     StepSeed,
     TinyNet,
+    TinySegNet,
     assert_state_equal,
     fit,
     make_dataset,
@@ -332,6 +338,97 @@ def test_adele_consistency_matches_the_official_formula_and_gradients(dense: boo
         adele_multiscale_consistency(logits, weights=[1.0, 0.0])
 
 
+# -- the functional core on dense elements ----------------------------------------------------------------------
+def _naive_dense_term(z: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, counted: torch.Tensor, div: str) -> float:
+    """(1/|E|) Σ_{e ∈ E} w_e D(q_e || softmax(z_e)) over (B, C, H, W) written out in float64 Python."""
+    b, c, h, w = z.shape
+    total, n = 0.0, 0
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                if not bool(counted[i, r, s]):
+                    continue
+                zz = [float(z[i, k, r, s]) for k in range(c)]
+                e = [math.exp(v - max(zz)) for v in zz]
+                p = [v / sum(e) for v in e]
+                qq = [float(q[i, k, r, s]) for k in range(c)]
+                if div == "kl":
+                    d = sum(a * (math.log(a) - math.log(bb)) for a, bb in zip(qq, p) if a > 0)
+                else:
+                    d = sum((a - bb) ** 2 for a, bb in zip(qq, p)) / c
+                total += float(weight[i, r, s]) * d
+                n += 1
+    return total / max(n, 1)
+
+
+@pytest.mark.parametrize("div", ["kl", "mse"])
+def test_dense_consistency_loss_is_a_mean_over_counted_elements(div: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    z = (2 * torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    q = torch.softmax(2 * torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64), 1)
+    counted = torch.rand(3, 2, 3, generator=g) > 0.3
+    counted[2] = False  # an image that does not count at all
+    mask = confidence_mask(q, 0.5, dim=1)
+    assert mask.shape == (3, 2, 3) and 0 < float(mask.sum()) < 18
+    got = consistency_loss(z, q, mask, div, dim=1, valid=counted)  # type: ignore[arg-type]
+    torch.testing.assert_close(
+        got.double(),
+        torch.tensor(_naive_dense_term(z.detach(), q, mask, counted, div), dtype=torch.float64),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+    (grad,) = torch.autograd.grad(got, z)
+    assert torch.count_nonzero(grad[2]) == 0 and torch.count_nonzero(grad.movedim(1, -1)[~counted]) == 0
+    # The token layout (B, T, C) along the last dim gives the same term; no element counted gives 0, not NaN.
+    tok = consistency_loss(z.detach().movedim(1, -1), q.movedim(1, -1), mask, div, valid=counted)  # type: ignore[arg-type]
+    torch.testing.assert_close(tok, got.detach())
+    assert float(consistency_loss(z, q, mask, div, dim=1, valid=torch.zeros_like(counted))) == 0.0  # type: ignore[arg-type]
+    # Classification is the special case without elements: valid=None is the mean over all samples.
+    flat_z, flat_q = z.detach().movedim(1, -1).reshape(-1, 4), q.movedim(1, -1).reshape(-1, 4)
+    torch.testing.assert_close(
+        consistency_loss(flat_z, flat_q, divergence=div),
+        consistency_divergence(flat_z, flat_q, div).mean(),  # type: ignore[arg-type]
+    )
+    # sharpen along the class dim equals the tempered softmax there.
+    torch.testing.assert_close(sharpen(q, 0.4, dim=1), torch.softmax(torch.log(q) / 0.4, 1).float())
+
+
+def test_adele_term_on_tokens_and_its_counted_elements() -> None:
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(3, 5, 4, generator=g, dtype=torch.float64) for _ in range(2)]  # (B, T, C)
+    valid = torch.rand(3, 5, generator=g) > 0.3
+    channels_first = [v.movedim(-1, 1) for v in views]
+    # dim=-1 on (B, T, C) equals dim=1 on (B, C, T).
+    a = adele_multiscale_consistency(views, threshold=0.4, valid=valid, dim=-1)
+    b = adele_multiscale_consistency(channels_first, threshold=0.4, valid=valid)
+    torch.testing.assert_close(a, b)
+    # counted: the mean runs over the counted elements only (the official mean over all is counted=None).
+    probs = [torch.softmax(v, -1) for v in views]
+    mixture = ((probs[0] + probs[1]) / 2).clamp(1e-3, 1 - 1e-3)
+    keep = ((mixture * valid.unsqueeze(-1)).flatten(1).amax(1) >= 0.4).double()
+    kl = sum((p * (p.log() - mixture.log())).sum(-1) for p in probs) * keep[:, None]
+    got = adele_multiscale_consistency(views, threshold=0.4, valid=valid, counted=valid, dim=-1)
+    torch.testing.assert_close(got, kl[valid].sum() / valid.sum(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(adele_multiscale_consistency(views, threshold=0.4, valid=valid, dim=-1), kl.mean())
+    conf = adele_confidence(views, valid=valid, dim=-1)
+    mixture = (torch.softmax(views[0], -1) + torch.softmax(views[1], -1)) / 2
+    expected = (mixture.clamp(1e-3, 1 - 1e-3) * valid.unsqueeze(-1)).flatten(1).amax(1)
+    torch.testing.assert_close(conf, expected)
+
+
+def test_class_agreement_counts_skip_ignored_elements() -> None:
+    pred = torch.tensor([[0, 1], [1, 2]])
+    labels = torch.tensor([[0, -100], [1, 0]])
+    counts = class_agreement_counts(pred, labels, 3, valid=labels != -100)
+    # Valid pixels: (0, 0), (1, 1), (2, 0): TP (1, 1, 0), predicted (1, 1, 1), given (2, 1, 0).
+    assert counts.tolist() == [[1, 1, 0], [1, 1, 1], [2, 1, 0]]
+    # The index may be any ignore value (e.g. 255) when `valid` says which elements count.
+    assert (
+        class_agreement_counts(pred, torch.tensor([[0, 255], [1, 0]]), 3, valid=labels != -100).tolist()
+        == counts.tolist()
+    )
+
+
 # -- NoisyLabelConsistency: the term by hand ---------------------------------------------------------------------
 def test_loss_term_by_hand_self_teacher_reuses_the_step_logits() -> None:
     torch.manual_seed(0)
@@ -536,7 +633,8 @@ def test_training_logs_and_runs_the_views_under_autocast() -> None:
         assert key in trainer.callback_metrics
         assert math.isfinite(float(trainer.callback_metrics[key]))
     train_calls = [c for c in net.calls if c[2]]
-    assert len(train_calls) == 8  # 4 steps x (main forward + one view)
+    # 4 steps x one forward carrying the batch and its view (16 + 16 rows), as FixMatch forwards its views.
+    assert [shape[0] for shape, _, _ in train_calls] == [32] * 4
     assert all(autocast for _, autocast, _ in train_calls)
 
 
@@ -780,6 +878,357 @@ def test_ddp_two_processes_with_extra_forwards_and_corrections(tmp_path: Path) -
     assert_state_equal(r0["lc"], r1["lc"], "LabelCorrection")
     assert r0["num_corrected"] == r1["num_corrected"] > 0
     assert math.isfinite(r0["metrics"]["train/loss_consistency"])
+
+
+# -- one teacher forward per step, one student forward per step (issue 16) -----------------------------------------
+def test_one_teacher_forward_per_step_for_every_consumer() -> None:
+    from lightning_reg import ELR, PSKD, EMATeacher
+
+    class CountingEMA(EMATeacher):
+        calls = 0
+
+        def teacher_forward(self, x: Any) -> torch.Tensor:
+            CountingEMA.calls += 1
+            return super().teacher_forward(x)
+
+    per_step: list[int] = []
+
+    class PerStep(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.before = CountingEMA.calls
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            per_step.append(CountingEMA.calls - self.before)
+
+    cbs = [
+        CountingEMA(decay=0.9),
+        PSKD(teacher="ema"),
+        ELR(teacher="ema"),
+        NoisyLabelConsistency(teacher="ema", augmentation=GaussianNoise(0.1), threshold=0.0),
+        LabelCorrection(source="teacher", start_epoch=0, threshold=0.3),
+        PerStep(),
+    ]
+    fit(cbs, TinyNet(), max_epochs=2)
+    assert len(per_step) == 8
+    # Before the EMA's first update the consumers fall back to the student; afterwards the teacher runs exactly
+    # once per step, whatever the number of consumers (five read it here).
+    assert per_step[0] <= 1 and per_step[1:] == [1] * 7, per_step
+
+
+class RegularizedLossOnlyNet(CountingNet):
+    """A custom training_step that forwards the batch itself and only calls `regularized_loss`."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, index = batch
+        return self.regularized_loss(self(x), y, index, x=x)
+
+
+def test_views_join_the_steps_single_forward_and_custom_steps_forward_them_apart() -> None:
+    def cons() -> NoisyLabelConsistency:
+        return NoisyLabelConsistency(augmentation=GaussianNoise(0.1), threshold=0.0)
+
+    net = CountingNet()
+    fit([cons()], net, max_epochs=1)
+    assert [shape[0] for shape, _, grad in net.calls if grad] == [32] * 4  # the batch and its view, one forward
+    own = RegularizedLossOnlyNet()
+    fit([cons()], own, max_epochs=1)
+    assert [shape[0] for shape, _, grad in own.calls if grad] == [16] * 8  # the batch, then the view apart
+    # Same term either way (TinyNet has no BatchNorm, so the joint forward gives the same logits).
+    net = _attach(TinyNet(), _fake_trainer(global_step=100))
+    c = cons()
+    net.trainer.callbacks = [c]
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    torch.manual_seed(5)
+    ctx = net.prepare_inputs(x, y)
+    assert list(ctx.views) == ["consistency/view0"]
+    ctx.logits = net.forward_views(ctx)
+    joint = c.loss_term(ctx)
+    torch.manual_seed(5)
+    apart = c.loss_term(_ctx(net, x, y))
+    torch.testing.assert_close(joint, apart, atol=1e-6, rtol=1e-5)
+
+
+# -- dense outputs -------------------------------------------------------------------------------------------------
+def _dense_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4, 1, 8, 8) images with 4-class masks: some void pixels, and image 3 without any label."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 1, 8, 8, generator=g)
+    y = torch.randint(0, 4, (4, 8, 8), generator=g)
+    y[torch.rand(4, 8, 8, generator=g) < 0.2] = -100
+    y[3] = -100
+    return x, y
+
+
+def _seg_ctx(module: Any, x: torch.Tensor, y: torch.Tensor, layout: str = "channels_first") -> StepContext:
+    ctx = StepContext(module=module, x=x, labels=y, given_labels=y, layout=layout)
+    ctx.extras["clean_x"] = x
+    ctx.logits = module(x)
+    return ctx
+
+
+@pytest.mark.parametrize("quality", [False, True], ids=["mask", "quality_weight"])
+def test_dense_target_term_by_hand_with_a_flip_undone_on_the_output(quality: bool) -> None:
+    from lightning_reg.augment import RandomFlip
+
+    torch.manual_seed(0)
+    net = _attach(TinySegNet(), _fake_trainer(global_step=100))
+    x, y = _dense_batch()
+    flip = RandomFlip(p=0.5, dims=[-1])
+    cons = NoisyLabelConsistency(
+        augmentation=flip, temperature=1.0, threshold=0.4, rampup="constant", quality_weight=quality
+    )
+    torch.manual_seed(1)
+    loss = cons.loss_term(_seg_ctx(net, x, y))
+    torch.manual_seed(1)
+    (view,), (params,) = flip.views_and_params(x)
+    with torch.no_grad():
+        q = torch.softmax(net(x), 1)
+        z = net(view)
+        flipped = params[0][0].view(-1, 1, 1, 1)
+        z = torch.where(flipped, z.flip(-1), z)  # the prediction on the flipped image, flipped back
+    assert bool(flipped.any()) and not bool(flipped.all())
+    counted = y != -100
+    counted[3] = True  # every pixel of the unlabeled image counts; void pixels of labelled images do not
+    confident = q.amax(1) >= 0.4
+    assert 0 < int(confident.sum()) < confident.numel()
+    if quality:  # MIC: each image's share of confident counted pixels weighs all its pixels
+        share = (confident & counted).flatten(1).sum(1) / counted.flatten(1).sum(1)
+        weight = share.view(-1, 1, 1).expand(4, 8, 8)
+    else:
+        weight = confident.float()
+    expected = _naive_dense_term(z, q, weight, counted, "kl")
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    # ignore_void=False: void pixels of labelled images take part too.
+    cons_all = NoisyLabelConsistency(
+        augmentation=flip, temperature=1.0, threshold=0.4, rampup="constant", quality_weight=quality, ignore_void=False
+    )
+    torch.manual_seed(1)
+    loss_all = cons_all.loss_term(_seg_ctx(net, x, y))
+    everything = torch.ones_like(counted)
+    if quality:
+        weight = confident.float().flatten(1).mean(1).view(-1, 1, 1).expand(4, 8, 8)
+    expected_all = _naive_dense_term(z, q, weight, everything, "kl")
+    torch.testing.assert_close(loss_all.double(), torch.tensor(expected_all, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+
+
+def test_dense_adele_form_resizes_scales_back_as_the_official_code() -> None:
+    torch.manual_seed(0)
+    net = _attach(TinySegNet(), _fake_trainer(global_step=100))
+    x, y = _dense_batch(1)
+    ms = MultiScale(scales=[0.75, 1.0, 1.5])
+    cons = NoisyLabelConsistency(form="adele", augmentation=ms, threshold=0.3, rampup="constant", ignore_void=False)
+    ctx = _seg_ctx(net, x, y)
+    loss = cons.loss_term(ctx)
+    with torch.no_grad():
+        z = [net(v) for v in ms.views(x)]
+    assert [tuple(t.shape[-2:]) for t in z] == [(6, 6), (8, 8), (12, 12)]
+    back = [F.interpolate(t, size=(8, 8), mode="bilinear", align_corners=False) for t in z]
+    labelled = (y != -100).clone()
+    labelled[3] = True  # the per-image maximum runs over labelled pixels (all pixels of an unlabeled image)
+    expected = _official_adele_consistency([t.double() for t in back], 0.3, valid=labelled)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+    # ignore_void=True (the default): the mean runs over the counted pixels only.
+    cons = NoisyLabelConsistency(form="adele", augmentation=ms, threshold=0.3, rampup="constant")
+    loss_counted = cons.loss_term(_seg_ctx(net, x, y))
+    ref = adele_multiscale_consistency(back, threshold=0.3, valid=labelled, counted=labelled)
+    torch.testing.assert_close(loss_counted, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dense_views_that_cannot_be_compared_are_refused() -> None:
+    from lightning_reg.augment import RandomFlip, RandomResizedCrop
+    from tests.helpers import TinyTagger
+
+    x, y = _dense_batch()
+    seg = _attach(TinySegNet(), _fake_trainer())
+    with pytest.raises(ValueError, match=r"moves pixels in a way that cannot be undone. Use `RandomFlip`"):
+        NoisyLabelConsistency(augmentation=RandomResizedCrop()).loss_term(_seg_ctx(seg, x, y))
+    with pytest.raises(ValueError, match=r"`weak_augmentation` WeakAugment\(.*\) must keep every pixel in place"):
+        NoisyLabelConsistency(augmentation="patch_mask", weak_augmentation="weak").loss_term(_seg_ctx(seg, x, y))
+    tagger = _attach(TinyTagger(), _fake_trainer())
+    tokens, labels = torch.randn(4, 1, 8, 8), torch.randint(0, 4, (4, 8))
+    with pytest.raises(ValueError, match=r"got \(B, T, C\) token logits, but its `augmentation` RandomFlip"):
+        NoisyLabelConsistency(augmentation=RandomFlip()).loss_term(_seg_ctx(tagger, tokens, labels, "channels_last"))
+    # Token views that keep the positions work, padding of labelled sequences excluded.
+    labels[:, 6:] = -100
+    cons = NoisyLabelConsistency(augmentation=GaussianNoise(0.0), temperature=1.0, threshold=0.0, rampup="constant")
+    ctx = _seg_ctx(tagger, tokens, labels, "channels_last")
+    assert float(cons.loss_term(ctx).detach()) == pytest.approx(0.0, abs=1e-6)  # a zero-noise view agrees with itself
+    torch.testing.assert_close(ctx.logs["consistency/teacher_confidence"], _masked_probs_max(ctx, labels != -100))
+
+
+def _masked_probs_max(ctx: StepContext, keep: torch.Tensor) -> torch.Tensor:
+    conf = ctx.probs().amax(ctx.class_dim)
+    return conf[keep].mean()
+
+
+# -- unlabeled data (issue 14) -------------------------------------------------------------------------------------
+def _ssl_loaders(n_l: int = 16, n_u: int = 48) -> Any:
+    from lightning.pytorch.utilities import CombinedLoader
+
+    ds = make_dataset(n_l + n_u)
+    x, y = ds.tensors
+    lab = DataLoader(TensorDataset(x[:n_l], y[:n_l], torch.arange(n_l)), batch_size=4)
+    unl = DataLoader(TensorDataset(x[n_l:], torch.arange(n_l, n_l + n_u)), batch_size=12)
+    return CombinedLoader({"labeled": lab, "unlabeled": unl}, mode="max_size_cycle")
+
+
+@pytest.mark.parametrize("on", ["all", "unlabeled"])
+def test_consistency_on_semi_supervised_batches_one_forward(on: str) -> None:
+    net = CountingNet()
+    cons = NoisyLabelConsistency(on=on, augmentation=GaussianNoise(0.1), threshold=0.0)  # type: ignore[arg-type]
+    lc = LabelCorrection(start_epoch=0, threshold=0.0, num_samples=64)
+    fit([cons, lc], net, _ssl_loaders(), max_epochs=1)
+    rows = 16 + (16 if on == "all" else 12)  # labeled + unlabeled rows, then the views of the rows the term uses
+    assert [shape[0] for shape, _, grad in net.calls if grad] == [rows] * 4
+    # Label correction never touches the unlabeled samples: no table row, no count.
+    assert bool(lc.table.seen[:16].all()) and not bool(lc.table.seen[16:].any())
+    # The term by hand on a batch: the unlabeled rows only (on="unlabeled") or every row.
+    batch, _, _ = next(iter(_ssl_loaders()))
+    from lightning_reg.core.protocol import unpack_semi_supervised_batch
+
+    x, y, index, n = unpack_semi_supervised_batch(batch)
+    module = _attach(TinyNet(), _fake_trainer(global_step=100))
+    term = NoisyLabelConsistency(on=on, augmentation=Shift(0.5), temperature=1.0, threshold=0.0, rampup="constant")  # type: ignore[arg-type]
+    ctx = _ctx(module, x, y, index)
+    ctx.num_labeled = n
+    got = term.loss_term(ctx)
+    rows_ = slice(None) if on == "all" else slice(n, None)
+    with torch.no_grad():
+        expected = _kl(torch.softmax(module(x[rows_]), -1), module(x[rows_] + 0.5)).mean()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # A single loader whose unlabeled samples carry ignore_index: the same rows count.
+    y_one = torch.where(torch.arange(len(y)) < n, y, torch.full_like(y, -100))
+    ctx = _ctx(module, x, y_one, index)
+    torch.testing.assert_close(term.loss_term(ctx), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_consistency_and_label_correction_resume_mid_epoch_with_a_combined_loader(tmp_path: Path) -> None:
+    from lightning_reg import EMATeacher
+    from lightning_reg.data.semi_supervised import SyntheticSemiSupervisedDataModule
+
+    def callbacks() -> list[Any]:
+        return [
+            EMATeacher(decay=0.9),
+            NoisyLabelConsistency(teacher="ema", on="unlabeled", augmentation=PatchMask(2), threshold=0.3),
+            LabelCorrection(source="teacher", start_epoch=1, threshold=0.3),
+        ]
+
+    def dm() -> SyntheticSemiSupervisedDataModule:
+        return SyntheticSemiSupervisedDataModule(
+            num_train=96, num_test=16, num_classes=4, shape=[1, 8, 8], labels_per_class=4, mu=2, batch_size=8
+        )
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    full = callbacks()
+    L.seed_everything(0, verbose=False)
+    kw = trainer_kwargs(max_epochs=3, enable_checkpointing=True)
+    trainer = L.Trainer(callbacks=[*full, ckpt, StepSeed()], **kw)
+    full_model = TinyNet()
+    trainer.fit(full_model, datamodule=dm())
+    steps_per_epoch = trainer.num_training_batches
+    assert 3 % steps_per_epoch != 0, "the checkpoint should fall mid-epoch"
+    resumed = callbacks()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(callbacks=[*resumed, StepSeed()], **trainer_kwargs(max_epochs=3))
+    resumed_model = TinyNet()
+    trainer.fit(resumed_model, datamodule=dm(), ckpt_path=str(tmp_path / "step=3.ckpt"))
+    assert_state_equal(full_model.state_dict(), resumed_model.state_dict(), "model")
+    for a, b in zip(full, resumed):
+        assert_state_equal(a.state_dict(), b.state_dict(), type(a).__name__)
+
+
+# -- LabelCorrection on dense outputs and the per-epoch all-reduce ------------------------------------------------
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"], ids=["segmentation", "tokens"])
+def test_dense_label_correction_counts_pixels_and_relabels_without_a_table(layout: str) -> None:
+    lc = LabelCorrection(threshold=0.8)
+    trainer = _fake_trainer(epoch=0)
+    big = 10.0
+    # 2 images of 1x3 pixels, 3 classes; pixel values are logits (classes along dim 1).
+    logits = torch.tensor(
+        [
+            [[[big, 0.0, 0.0]], [[0.0, big, 0.5]], [[0.0, 0.0, 0.0]]],  # predicts 0, 1, 1 (the last at 0.45)
+            [[[0.0, big, 0.0]], [[big, 0.0, 0.0]], [[0.0, 0.0, big]]],  # predicts 1, 0, 2
+        ]
+    )
+    given = torch.tensor([[[0, 0, 2]], [[-100, 1, 1]]])
+    if layout == "channels_last":  # (B, T, C) tokens
+        logits, given = logits.squeeze(2).movedim(1, -1), given.squeeze(1)
+
+    def step(epoch: int) -> StepContext:
+        trainer.current_epoch = epoch
+        module = SimpleNamespace(trainer=trainer)
+        ctx = StepContext(
+            module=module,  # type: ignore[arg-type]
+            x=None,
+            labels=given.clone(),
+            given_labels=given,
+            index=None,  # dense outputs keep no per-sample table, so they need no index
+            logits=logits,
+            layout=layout,
+        )
+        lc.refine_labels(ctx)
+        return ctx
+
+    ctx = step(0)
+    assert torch.equal(ctx.labels, given)  # no class is being corrected yet
+    # Counts over the 5 labelled pixels (the void one is skipped): pred/given (0,0) (1,0) (1,2) (0,1) (2,1).
+    assert lc._counts is not None and lc._counts.tolist() == [[1, 0, 0], [2, 2, 1], [2, 2, 1]]
+    lc._detected_epoch = torch.tensor([-1, 0, -1])  # class 1's early learning has ended
+    ctx = step(1)
+    # ADELE's rule: a confident prediction (> 0.8) of a marked class that differs from the label relabels it;
+    # pixel (0, 2) predicts 1 with 0.45 only, (1, 1) predicts class 0 (not marked), void stays void.
+    expected = given.clone()
+    expected.view(2, 3)[0, 1] = 1
+    assert torch.equal(ctx.labels, expected)
+    assert not lc.table.is_allocated and lc.num_corrected == 0
+    with pytest.raises(RuntimeError, match="Dense outputs keep none"):
+        lc.corrections()
+    assert lc._relabeled is not None and lc._relabeled.tolist() == [1, 10]  # 1 relabelled of 5 + 5 labelled
+
+
+class _FakeDDP:
+    """A 2-rank strategy stand-in: `reduce` doubles (as if the other rank held the same counts) and counts calls."""
+
+    world_size = 2
+
+    def __init__(self) -> None:
+        self.reduces = 0
+
+    def reduce(self, t: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
+        assert reduce_op == "sum"
+        self.reduces += 1
+        return t * 2
+
+
+def test_label_correction_reduces_its_counts_once_per_epoch_and_checkpoints_their_sum() -> None:
+    lc = LabelCorrection(threshold=0.8)
+    trainer = _fake_trainer(epoch=0)
+    trainer.strategy = _FakeDDP()
+    _, y = _dense_batch()
+    logits = torch.randn(4, 4, 8, 8)
+    for _ in range(3):
+        module = SimpleNamespace(trainer=trainer)
+        lc.refine_labels(StepContext(module=module, x=None, labels=y, given_labels=y, logits=logits))  # type: ignore[arg-type]
+    assert trainer.strategy.reduces == 0  # no collective in the steps
+    local = lc._counts.clone()  # type: ignore[union-attr]
+    # A mid-epoch checkpoint stores the sum over ranks; rank 0 resumes from it, the other ranks from zero.
+    state = lc.state_dict()
+    ckpt = {"callbacks": {lc.state_key: state}}
+    lc.on_save_checkpoint(trainer, None, ckpt)  # type: ignore[arg-type]
+    assert trainer.strategy.reduces == 1 and state["counts_global"] is True
+    assert torch.equal(state["counts"], 2 * local.cpu())
+    for rank, expected in ((0, 2 * local), (1, torch.zeros_like(local))):
+        other = LabelCorrection(threshold=0.8)
+        other.load_state_dict(state)
+        other._ensure(SimpleNamespace(global_rank=rank), logits, class_dim=1, table=False)  # type: ignore[arg-type]
+        assert torch.equal(other._counts, expected)  # type: ignore[arg-type]
+    # The epoch's end: one all-reduce, and the curve point is the IoU of the summed counts.
+    logged: dict[str, float] = {}
+    lc.on_train_epoch_end(trainer, SimpleNamespace(log=lambda k, v, **kw: logged.__setitem__(k, v)))  # type: ignore[arg-type]
+    assert trainer.strategy.reduces == 2
+    torch.testing.assert_close(lc.agreement_history[0], class_iou(2 * local))
+    assert lc._counts is not None and int(lc._counts.sum()) == 0
+    assert "label_correction/num_corrected" not in logged and logged["label_correction/relabeled_fraction"] == 0.0
 
 
 def test_two_loss_terms_named_consistency_conflict() -> None:

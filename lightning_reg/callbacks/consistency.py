@@ -20,69 +20,46 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from lightning_reg.augment import Augmentation, AugmentationLike, get_augmentation
+from lightning_reg.augment import Augmentation, AugmentationLike, WeakAugment, get_augmentation
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
 from lightning_reg.core.table import PerSampleTable
-from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
+from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int, check_optional_int
 from lightning_reg.functional.consistency import (
+    adele_confidence,
     adele_multiscale_consistency,
     class_agreement_counts,
     class_iou,
-    confidence_mask,
     consistency_loss,
     end_of_early_learning,
     sharpen,
 )
+from lightning_reg.functional.pseudo_label import confidence_quality
 
 __all__ = ["LabelCorrection", "NoisyLabelConsistency"]
-
-_TEACHER_PROBS = "consistency/teacher_probs_clean"
-_STUDENT_PROBS = "consistency/student_probs_clean"
-
-
-def _clean_input(ctx: StepContext, who: str) -> Tensor:
-    """The batch's input before the input stage (mixup), which the teacher and the views start from."""
-    x = ctx.extras.get("clean_x", ctx.x)
-    if x is None:
-        raise ValueError(
-            f"`{who}` runs extra forward passes on the batch's input, but none was given. Pass it to"
-            " `self.regularized_loss(logits, y, index, x=x)` from your `training_step`."
-        )
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(
-            f"`{who}` augments and forwards the input, so it must be a floating-point tensor, but got"
-            f" {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}. Convert it in your dataset, or write"
-            " an `Augmentation` subclass for your input type."
-        )
-    return x
-
-
-def _student_clean_probs(ctx: StepContext, who: str) -> Tensor:
-    """The student's detached fp32 probabilities on the clean input, without an extra forward when possible."""
-    clean = _clean_input(ctx, who)
-    if ctx.x is clean:
-        return ctx.probs()
-    cached = ctx.extras.get(_STUDENT_PROBS)
-    if cached is None:  # an input-stage regularizer changed the input: one no-grad forward on the clean one
-        with torch.no_grad():
-            cached = torch.softmax(ctx.module(clean).detach().float(), dim=-1)
-        ctx.extras[_STUDENT_PROBS] = cached
-    return cached
-
-
-def _teacher_clean_probs(ctx: StepContext, teacher: TeacherProvider, who: str) -> Tensor:
-    """The teacher's fp32 probabilities on the clean input, computed once per step and shared."""
-    cached = ctx.extras.get(_TEACHER_PROBS)
-    if cached is None:
-        with torch.no_grad():
-            cached = torch.softmax(teacher.teacher_forward(_clean_input(ctx, who)).detach().float(), dim=-1)
-        ctx.extras[_TEACHER_PROBS] = cached
-    return cached
 
 
 def _teacher_ready(teacher: TeacherProvider | None) -> bool:
     return teacher is not None and bool(getattr(teacher, "has_updated", True))
+
+
+def _weak_key(aug: Augmentation) -> str:
+    """The per-step cache key of a weak view; the same as :class:`~lightning_reg.PseudoLabel`'s, so two consumers
+    of one weak augmentation share the view and the teacher forward on it."""
+    return "weak" if aug == WeakAugment() else f"weak:{aug!r}"
+
+
+def _expand(per_sample: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a ``(B,)`` tensor to ``like``'s ``(B, *d)`` shape."""
+    return per_sample.view(-1, *([1] * (like.dim() - 1))).expand(like.shape)
+
+
+def _masked_mean(values: Tensor, keep: Tensor | None) -> Tensor:
+    """The mean of ``values`` over ``keep`` (all if ``None``), 0 if nothing is kept; no host sync."""
+    values = values.float()
+    if keep is None:
+        return values.mean()
+    return (values * keep).sum() / keep.sum().clamp_min(1)
 
 
 class NoisyLabelConsistency(LossRegularizer):
@@ -91,7 +68,7 @@ class NoisyLabelConsistency(LossRegularizer):
     Two forms of the term. ``form="target"`` (the default; UDA, Mean Teacher, MIC) pulls every view towards a
     stop-gradient target:
 
-    .. math:: \mathcal L_\text{cons} = w(t)\cdot\frac1B\sum_i m_i\,
+    .. math:: \mathcal L_\text{cons} = w(t)\cdot\frac{1}{|E|}\sum_{i \in E} m_i\,
               D\!\left(\mathrm{sg}(q_i)\,\|\,p(\tilde x_i)\right),\qquad
               m_i = \mathbb 1[\max_c q_{ic} \ge \text{threshold}]
 
@@ -100,15 +77,16 @@ class NoisyLabelConsistency(LossRegularizer):
     :math:`\bar p = \mathrm{clip}(\sum_s w_s p_s, 10^{-3}, 1 - 10^{-3})` pull on each other, with gradients
     through :math:`\bar p`, no sharpening and the KL summed over the views:
 
-    .. math:: \mathcal L_\text{cons} = w(t)\cdot\frac1B\sum_i m_i \sum_s
-              \mathrm{KL}\!\left(p(x_{s,i}) \,\|\, \bar p_i\right),\qquad
-              m_i = \mathbb 1[\max_c \bar p_{ic} \ge \text{threshold}]
+    .. math:: \mathcal L_\text{cons} = w(t)\cdot\frac{1}{|E|}\sum_{(b, j) \in E} m_b \sum_s
+              \mathrm{KL}\!\left(p(x_{s})_{bj} \,\|\, \bar p_{bj}\right),\qquad
+              m_b = \mathbb 1[\max_{c,\,j} \bar p_{bcj} \ge \text{threshold}]
 
-    In both, the mean is over *all* samples, masked ones included. Papers: UDA
+    :math:`E` are the elements that count (below): for classification, every sample of the batch, so the
+    mean is over *all* samples, masked ones included (UDA). Papers: UDA
     https://arxiv.org/abs/1904.12848 (``τ = 0.4``, threshold 0.8, KL), Mean
     Teacher https://arxiv.org/abs/1703.01780 (EMA teacher, sigmoid ramp-up,
     softmax MSE), MIC https://arxiv.org/abs/2212.01322 (patch masking, EMA
-    teacher), ADELE https://arxiv.org/abs/2110.03740 (multi-scale views,
+    teacher, quality weight), ADELE https://arxiv.org/abs/2110.03740 (multi-scale views,
     threshold 0.8). Functional core: :mod:`lightning_reg.functional.consistency`.
 
     **The target** :math:`q_i` of ``form="target"`` (fp32, detached):
@@ -121,46 +99,75 @@ class NoisyLabelConsistency(LossRegularizer):
       (weighted) mean of the student's predictions over the views.
     * ``teacher="ema"`` (Mean Teacher, MIC): the prediction of the trainer's
       :class:`~lightning_reg.EMATeacher` (any callback with ``teacher_forward``)
-      on the clean input. Without one, ``setup`` raises. Until the teacher's
-      first update (its ``has_updated`` is ``False``) it holds the initial
-      weights, so the target falls back to ``teacher="self"``.
+      on the clean input, read from the step's shared teacher cache
+      (:meth:`~lightning_reg.core.protocol.StepContext.teacher_probs`): one teacher
+      forward per step, shared with PS-KD, ELR, ``LabelCorrection`` and ``PseudoLabel``.
+      Without a teacher, ``setup`` raises. Until the teacher's first update (its
+      ``has_updated`` is ``False``) it holds the initial weights, so the target falls
+      back to ``teacher="self"``.
     * ``weak_augmentation``: if set, the teacher (or the student, under no-grad)
-      sees this weakly augmented view instead of the clean input (UDA's weak view).
+      sees this weakly augmented view instead of the clean input (UDA's weak view;
+      one view per step, shared with a ``PseudoLabel`` that uses the same augmentation).
 
     Then :math:`m_i` is computed on :math:`q_i` (before sharpening, as UDA),
-    and :math:`q_i` is sharpened with temperature ``τ`` (``τ = 1``: none).
+    and :math:`q_i` is sharpened with temperature ``τ`` (``τ = 1``: none). With
+    ``quality_weight=True`` (MIC, DAFormer) the hard mask is replaced by each image's
+    *quality*: every element of image ``b`` weighs the share of its counted elements with
+    :math:`\max_c q \ge` threshold (MIC's τ = 0.968). (MIC's own loss is a CE to the teacher's
+    hard pseudo-labels: that is :class:`~lightning_reg.PseudoLabel` with ``quality_weight``; this is
+    the divergence form.)
 
     **ADELE's form** (``form="adele"``) needs no target: the views are the
     augmentation's views (:class:`~lightning_reg.augment.MultiScale`'s scales;
     a single-view augmentation is compared with the clean input, each weighing
     1/2 in :math:`\bar p`). It uses neither ``teacher="ema"``, a
-    ``weak_augmentation``, a ``temperature`` other than 1, nor
-    ``divergence="mse"``; giving one raises a ``ValueError``.
+    ``weak_augmentation``, a ``temperature`` other than 1, ``divergence="mse"`` nor
+    ``quality_weight``; giving one raises a ``ValueError``.
 
     **The student's views** :math:`\tilde x_i` come from ``augmentation``
     (a :mod:`lightning_reg.augment` class, or a short name) applied to the
-    clean batch on its device, and are forwarded through the LightningModule
-    inside the training step: under the same autocast as the main forward, and
-    in the same DDP forward, so DDP's reducer sees one graph (no unused
-    parameters, one all-reduce). In ``form="target"`` multi-view augmentations give
-    :math:`\sum_s w_s D(q \| p(x_s))`; the scale-1 view *is* the clean input,
-    so its forward is the step's own (with gradients, as in ADELE).
+    clean batch on its device. Views of the batch's shape are appended to the
+    step's single forward (:meth:`~lightning_reg.core.protocol.LossRegularizer.add_views`:
+    one DDP graph, one autocast region, one BatchNorm batch, as FixMatch's reference);
+    views of another size (``MultiScale``'s rescaled views) and every view of a custom
+    ``training_step`` that only calls ``regularized_loss`` are forwarded apart, inside the
+    training step and under the same autocast. In ``form="target"`` multi-view augmentations
+    give :math:`\sum_s w_s D(q \| p(x_s))`; the scale-1 view *is* the clean input, so its
+    forward is the step's own (with gradients, as in ADELE).
+
+    **Dense outputs** (segmentation ``(B, C, H, W)``, tokens ``(B, T, C)``): :math:`i` runs over
+    elements (pixels, tokens), each with its own divergence and mask (``form="adele"``: one mask per
+    image, the largest mean probability over its classes and labelled pixels, as the official code).
+    Views that keep the geometry (``PatchMask``, ``GaussianNoise``, ``Cutout``, photometric
+    ``RandAugment`` ops) compare element by element as they are; geometric ones are undone on the
+    output before comparing (:meth:`~lightning_reg.augment.Augmentation.invert_output`):
+    ``RandomFlip`` flips each prediction back, ``MultiScale`` resizes it back bilinearly (ADELE). Views that
+    cannot be undone (random crops, shifts, rotations), a geometric ``weak_augmentation``, and any geometric
+    view on ``(B, T, C)`` token logits raise a ``ValueError`` at the first step.
+
+    **Which elements count** (:math:`E`). Consistency needs no label, so every row takes part: labeled and
+    unlabeled samples (semi-supervised batches, UDA and Mean Teacher) with ``on="all"``, or only the
+    unlabeled rows with ``on="unlabeled"`` (the rows after ``num_labeled`` of a ``CombinedLoader`` batch, or
+    the samples without any label in a single loader). Within a *labeled* dense sample, the elements whose
+    given label is ``ignore_index`` (void pixels, padding tokens) are left out when ``ignore_void=True``
+    (the default: padding must not count, and it cannot be told apart from void); ``ignore_void=False``
+    lets void pixels take part too (consistency is label-free; ADELE's official mean runs over all pixels).
+    Every element of an *unlabeled* sample counts (its padding cannot be told apart: pad unlabeled
+    sequences with an input the model maps to a fixed prediction, or train tokens with ``on="all"`` on
+    labeled data).
 
     Outside training steps (validation, test, the sanity check) the term is
-    computed the same way if the pipeline runs; the callback keeps no state, so
+    computed the same way if the pipeline runs (its views forwarded apart); the callback keeps no state, so
     nothing changes.
 
     **The weight** :math:`w(t) = \text{weight}\cdot\text{rampup}(t, \text{rampup\_epochs})` with ``t`` the
     fractional epoch (``global_step`` / optimizer steps per epoch); the default
     is Mean Teacher's :math:`e^{-5(1 - t/T)^2}`.
 
-    Cost per step: one extra forward with gradients per view (the method's
-    inherent cost), plus one no-grad teacher forward for ``teacher="ema"`` or a
-    weak view.
+    Cost per step: the views' rows in the step's forward (with gradients; the method's
+    inherent cost), plus at most one no-grad teacher forward, shared by every consumer.
 
     Args:
-        form: ``"target"`` (pull each view towards a stop-gradient target; UDA, Mean Teacher, MIC) or
-            ``"adele"`` (ADELE's official multi-scale term; use it with ``augmentation=MultiScale()``).
         teacher: ``"self"`` or ``"ema"`` (see above; ``form="target"`` only).
         augmentation: The student's perturbation: a :class:`~lightning_reg.augment.Augmentation`
             (``class_path`` in YAML) or a short name: ``"patch_mask"`` (default; MIC),
@@ -168,21 +175,28 @@ class NoisyLabelConsistency(LossRegularizer):
         weak_augmentation: The teacher's view (``None``: the clean input; ``form="target"`` only).
         temperature: Sharpening ``τ`` in ``(0, inf)`` (1 = none); ``None``: UDA's 0.4 for ``form="target"``,
             none for ``form="adele"``.
-        threshold: Confidence threshold in ``[0, 1]`` for :math:`m_i` (0 keeps every sample; UDA, ADELE: 0.8).
+        threshold: Confidence threshold in ``[0, 1]`` for :math:`m_i` (0 keeps every element; UDA, ADELE: 0.8;
+            MIC's quality weight: 0.968).
         divergence: ``"kl"`` (UDA) or ``"mse"`` (Mean Teacher's softmax MSE; ``form="target"`` only).
         weight: The final weight ``w`` (ADELE, MIC: 1).
         rampup: The ramp-up schedule: a :mod:`~lightning_reg.core.schedules` name or instance
             (``"sigmoid_rampup"``, ``"linear"``, ``"constant"``, ...).
         rampup_epochs: The ramp length ``T`` in epochs (0: no ramp).
+        form: ``"target"`` (pull each view towards a stop-gradient target; UDA, Mean Teacher, MIC) or
+            ``"adele"`` (ADELE's official multi-scale term; use it with ``augmentation=MultiScale()``).
+        on: ``"all"`` rows (labeled and unlabeled) or only the ``"unlabeled"`` ones (see above).
+        quality_weight: MIC's per-image quality weight instead of the per-element mask (``form="target"``).
+        ignore_void: Leave out the ``ignore_index`` elements of labeled dense samples (see above).
 
     Logged metrics:
 
     ==================================  ====================================================================
     ``train/loss_consistency``           the term :math:`\mathcal L_\text{cons}` (weight included)
     ``consistency/weight``               :math:`w(t)`
-    ``consistency/mask_rate``            the fraction of samples with :math:`m_i = 1`
-    ``consistency/teacher_confidence``   the batch mean of :math:`\max_c q_{ic}` (before sharpening), or of
-                                         :math:`\max_c \bar p_{ic}` in ``form="adele"``
+    ``consistency/mask_rate``            the fraction of counted elements with :math:`m_i = 1` (of samples in
+                                         ``form="adele"``)
+    ``consistency/teacher_confidence``   the mean of :math:`\max_c q_{ic}` (before sharpening) over the counted
+                                         elements, or of the per-sample :math:`\max \bar p` in ``form="adele"``
     ==================================  ====================================================================
 
     Example:
@@ -192,7 +206,11 @@ class NoisyLabelConsistency(LossRegularizer):
         >>> trainer = L.Trainer(callbacks=[cons], max_epochs=30, logger=False)
 
     ADELE's term: ``NoisyLabelConsistency(form="adele", augmentation=MultiScale(scales=[0.7, 1.0, 1.5]),
-    rampup="constant")`` (see ``configs/adele_sym40.yaml``).
+    rampup="constant")`` (see ``configs/adele_sym40.yaml``; on segmentation, ``configs/noisy_segmentation.yaml``).
+    MIC on segmentation: ``NoisyLabelConsistency(teacher="ema", augmentation=PatchMask(patch_size=8,
+    mask_ratio=0.7), temperature=1.0, threshold=0.968, quality_weight=True, rampup="constant")`` with an
+    ``EMATeacher(decay=0.999)``. Mean Teacher / UDA on unlabeled data: ``on="unlabeled"`` (or ``"all"``) with a
+    ``CombinedLoader({"labeled": ..., "unlabeled": ...})``.
 
     YAML::
 
@@ -211,7 +229,12 @@ class NoisyLabelConsistency(LossRegularizer):
     name = "consistency"
     stage = "loss"
     requires_index = False
+    layouts = frozenset({"classification", "dense"})
+    needs_labels = False
     version = 1
+
+    #: ``ctx.extras`` key of the views this callback put into the step's forward.
+    _VIEWS = "consistency/views"
 
     def __init__(
         self,
@@ -225,6 +248,9 @@ class NoisyLabelConsistency(LossRegularizer):
         rampup: ScheduleLike = "sigmoid_rampup",
         rampup_epochs: float = 5.0,
         form: Literal["target", "adele"] = "target",
+        on: Literal["all", "unlabeled"] = "all",
+        quality_weight: bool = False,
+        ignore_void: bool = True,
     ) -> None:
         super().__init__()
         self.form: Literal["target", "adele"] = check_choice("form", form, ["target", "adele"])
@@ -241,12 +267,16 @@ class NoisyLabelConsistency(LossRegularizer):
         self.weight = check_float("weight", weight, 0.0)
         self.rampup = get_schedule(rampup, "rampup")
         self.rampup_epochs = check_float("rampup_epochs", rampup_epochs, 0.0)
+        self.on: Literal["all", "unlabeled"] = check_choice("on", on, ["all", "unlabeled"])
+        self.quality_weight = check_bool("quality_weight", quality_weight)
+        self.ignore_void = check_bool("ignore_void", ignore_void)
         if self.form == "adele":
             unused = {
                 "teacher": (self.teacher != "self", "its views agree with their own mean prediction"),
                 "weak_augmentation": (self.weak_augmentation is not None, "no view is a target"),
                 "temperature": (self.temperature not in (None, 1.0), "ADELE does not sharpen"),
                 "divergence": (self.divergence != "kl", "ADELE's divergence is KL(p_s || p̄)"),
+                "quality_weight": (self.quality_weight, "its mask is one flag per image"),
             }
             for arg, (given, why) in unused.items():
                 if given:
@@ -255,6 +285,7 @@ class NoisyLabelConsistency(LossRegularizer):
                         f" {arg}={getattr(self, arg)!r}. Remove it, or use `form='target'`."
                     )
         self._teacher: TeacherProvider | None = None
+        self._checked_layouts: set[tuple[str, bool]] = set()
 
     @property
     def sharpen_temperature(self) -> float:
@@ -285,52 +316,185 @@ class NoisyLabelConsistency(LossRegularizer):
             t = float(trainer.current_epoch)
         return self.weight * self.rampup(t, self.rampup_epochs)
 
+    # -- checks ---------------------------------------------------------------------------------------------------
+    def _check_views(self, ctx: StepContext) -> None:
+        """Refuse views whose dense predictions cannot be compared element by element (once per layout)."""
+        key = (ctx.layout, ctx.is_dense)
+        if key in self._checked_layouts:
+            return
+        if ctx.is_dense:
+            tokens = ctx.layout == "channels_last"
+            what = "token" if tokens else "pixel"
+            weak = self.weak_augmentation
+            if weak is not None and weak.moves_elements:
+                raise ValueError(
+                    f"`NoisyLabelConsistency` compares each {what}'s prediction on the student's view with the target"
+                    f" at the same {what}, so on dense outputs its `weak_augmentation` {weak!r} must keep every {what}"
+                    " in place, but it moves them. Pass `weak_augmentation=None` (the clean input, as MIC's teacher"
+                    " sees it) or a photometric view (`GaussianNoise`, `RandAugment` with photometric ops only)."
+                )
+            aug = self.augmentation
+            if aug.moves_elements and tokens:
+                raise ValueError(
+                    f"`NoisyLabelConsistency` got (B, T, C) token logits, but its `augmentation` {aug!r} moves elements"
+                    " of the input, so the tokens of a view cannot be matched with the input's. Use a view that keeps"
+                    " every token in place, e.g. `GaussianNoise(std=0.1)` or `PatchMask(patch_size=...)`"
+                    " (`lightning_reg.augment`)."
+                )
+            if aug.moves_elements and not aug.can_invert_output:
+                raise ValueError(
+                    f"`NoisyLabelConsistency` maps each view's dense prediction back onto the input's {what} grid"
+                    f" before comparing (`Augmentation.invert_output`), but its `augmentation` {aug!r} moves {what}s"
+                    " in a way that cannot be undone. Use `RandomFlip` or `MultiScale` (ADELE; undone on the output), a"
+                    " `Compose` of those, or a view that keeps the geometry: `PatchMask` (MIC), `GaussianNoise`,"
+                    " `Cutout`, or `RandAugment` with photometric ops only."
+                )
+        self._checked_layouts.add(key)
+
+    # -- rows and elements ----------------------------------------------------------------------------------------
+    def _rows(self, ctx: StepContext) -> tuple[slice, Tensor | None]:
+        """The rows the term uses (a static slice) and, for one loader with ``on="unlabeled"``, which of them count."""
+        if self.on == "all":
+            return slice(None), None
+        if ctx.num_labeled is not None:
+            return slice(ctx.num_labeled, None), None
+        return slice(None), ~ctx.labeled
+
+    def _counted(self, ctx: StepContext, rows: slice, row_keep: Tensor | None) -> Tensor | None:
+        """The ``(B_r, *d)`` elements of the rows that count (``None``: all of them)."""
+        given = ctx.given_labels[rows]
+        keep: Tensor | None = None
+        if ctx.is_dense and self.ignore_void:
+            keep = (given != ctx.ignore_index) | _expand(~ctx.labeled[rows], given)
+        if row_keep is not None:
+            rk = _expand(row_keep, given)
+            keep = rk if keep is None else keep & rk
+        return keep
+
+    # -- views in the step's one forward --------------------------------------------------------------------------
+    def _make_views(self, ctx: StepContext, rows: slice) -> list[tuple[Tensor | None, Any, str | None]]:
+        """``(view or None for the batch itself, record for invert_output, key in ctx.view_logits or None)``."""
+        clean = ctx.clean_input(type(self).__name__)
+        sub = clean if rows == slice(None) else clean[rows]
+        views, params = self.augmentation.views_and_params(sub)
+        return [(None if v is sub else v, p, None) for v, p in zip(views, params)]
+
+    def add_views(self, ctx: StepContext) -> None:
+        """Append the student's views of the batch's shape to the step's single forward (training steps only)."""
+        self._check_views(ctx)
+        rows, _ = self._rows(ctx)
+        plan = self._make_views(ctx, rows)
+        keyed = []
+        for i, (view, params, _) in enumerate(plan):
+            key = None
+            if view is not None and view.shape[0] > 0 and view.shape[1:] == ctx.x.shape[1:]:
+                key = f"{self.name}/view{i}"
+                ctx.add_view(key, view)
+            keyed.append((view, params, key))
+        ctx.extras[self._VIEWS] = (rows, keyed)
+
+    def _clean_logits(self, ctx: StepContext, rows: slice) -> Tensor:
+        """The student's logits (with gradients) on the clean rows: the step's own when the input is unchanged."""
+        assert ctx.logits is not None
+        clean = ctx.clean_input(type(self).__name__)
+        return ctx.logits[rows] if ctx.x is clean else ctx.module(clean[rows])
+
+    def _student(self, ctx: StepContext, rows: slice) -> list[Tensor]:
+        """The student's logits on each view, mapped back onto the clean output's grid on dense outputs."""
+        assert ctx.logits is not None
+        record = ctx.extras.get(self._VIEWS)
+        plan = record[1] if record is not None and record[0] == rows else self._make_views(ctx, rows)
+        shape = ctx.logits[rows].shape
+        undo = ctx.is_dense and self.augmentation.moves_elements
+        out = []
+        for view, params, key in plan:
+            if view is None:  # the view is the batch itself (MultiScale's scale 1)
+                out.append(self._clean_logits(ctx, rows))
+                continue
+            z = ctx.view_logits[key] if key is not None and key in ctx.view_logits else ctx.module(view)
+            if undo:
+                z = self.augmentation.invert_output(z, params, tuple(shape[2:]))
+            if z.shape != shape:
+                raise ValueError(
+                    f"`NoisyLabelConsistency` expected the logits on a view to have the batch's shape {tuple(shape)},"
+                    f" but got {tuple(z.shape)} from `augmentation` {self.augmentation!r}. An augmentation that changes"
+                    " the output's size must say so (`moves_elements`) and map it back (`invert_output`)."
+                )
+            out.append(z)
+        return out
+
     # -- the loss term --------------------------------------------------------------------------------------------
-    def _target(self, ctx: StepContext, clean: Tensor, student: list[Tensor], weights: list[float]) -> Tensor:
+    def _target(self, ctx: StepContext, rows: slice, student: list[Tensor], weights: list[float]) -> Tensor:
+        who = type(self).__name__
+        dim = ctx.class_dim
         teacher = self._teacher if self.teacher == "ema" and _teacher_ready(self._teacher) else None
         if self.weak_augmentation is not None:
-            weak = self.weak_augmentation(clean)
+            key = _weak_key(self.weak_augmentation)
+            views: dict[str, Tensor] = ctx.extras.setdefault("_views", {})
+            if key not in views:  # one weak view of the whole batch per step, shared by the consumers of the key
+                views[key] = self.weak_augmentation(ctx.clean_input(who))
+            if teacher is not None:
+                return ctx.teacher_probs(teacher, x=views[key], key=key)[rows]
             with torch.no_grad():
-                logits = teacher.teacher_forward(weak) if teacher is not None else ctx.module(weak)
-            return torch.softmax(logits.detach().float(), dim=-1)
+                logits = ctx.module(views[key][rows])
+            return torch.softmax(logits.detach().float(), dim=dim)
         if teacher is not None:
-            return _teacher_clean_probs(ctx, teacher, type(self).__name__)
+            return ctx.teacher_probs(teacher)[rows]
         if len(student) > 1:  # ADELE: the (weighted) mean prediction over the views
-            return sum(w * torch.softmax(z.detach().float(), dim=-1) for w, z in zip(weights, student))  # type: ignore[return-value]
-        return _student_clean_probs(ctx, type(self).__name__)
+            return torch.stack([w * torch.softmax(z.detach().float(), dim=dim) for w, z in zip(weights, student)]).sum(
+                0
+            )
+        return ctx.student_clean_probs(who)[rows]
 
-    def _adele_term(self, ctx: StepContext, clean: Tensor, views: list[Tensor], weights: list[float]) -> Tensor:
-        assert ctx.logits is not None
-        if len(views) == 1:  # a single-view augmentation: compare the clean input with its view
-            views, weights = [clean, views[0]], [0.5, 0.5]
-        student = [ctx.logits if v is ctx.x else ctx.module(v) for v in views]
-        loss = adele_multiscale_consistency(student, weights, threshold=self.threshold)
-        with torch.no_grad():
-            mean = sum(wv * torch.softmax(z.detach().float(), dim=-1) for wv, z in zip(weights, student))
-            conf = mean.clamp(1e-3, 1.0 - 1e-3).amax(dim=-1)  # type: ignore[union-attr]
-        ctx.logs[f"{self.name}/mask_rate"] = (conf >= self.threshold).float().mean()
-        ctx.logs[f"{self.name}/teacher_confidence"] = conf.mean()
+    def _adele_term(
+        self, ctx: StepContext, rows: slice, counted: Tensor | None, row_keep: Tensor | None, student: list[Tensor]
+    ) -> Tensor:
+        weights = self.augmentation.view_weights()
+        if len(student) == 1:  # a single-view augmentation: compare the clean input with its view
+            student, weights = [self._clean_logits(ctx, rows), student[0]], [0.5, 0.5]
+        valid = None  # the per-image maximum runs over labelled pixels (all pixels of unlabeled images)
+        if ctx.is_dense:
+            given = ctx.given_labels[rows]
+            valid = (given != ctx.ignore_index) | _expand(~ctx.labeled[rows], given)
+        dim = ctx.class_dim
+        loss = adele_multiscale_consistency(
+            student, weights, threshold=self.threshold, valid=valid, counted=counted, dim=dim
+        )
+        conf = adele_confidence(student, weights, valid=valid, dim=dim)
+        ctx.logs[f"{self.name}/mask_rate"] = _masked_mean(conf >= self.threshold, row_keep)
+        ctx.logs[f"{self.name}/teacher_confidence"] = _masked_mean(conf, row_keep)
         return loss
 
     def loss_term(self, ctx: StepContext) -> Tensor:
         assert ctx.logits is not None
-        who = type(self).__name__
         w = self.current_weight(ctx.module.trainer)
-        clean = _clean_input(ctx, who)
-        views = self.augmentation.views(clean)
-        weights = self.augmentation.view_weights()
         ctx.logs[f"{self.name}/weight"] = w
+        self._check_views(ctx)
+        rows, row_keep = self._rows(ctx)
+        if ctx.logits[rows].shape[0] == 0:  # a semi-supervised batch without unlabeled rows (a static shape)
+            zero = torch.zeros((), device=ctx.logits.device)
+            ctx.logs[f"{self.name}/mask_rate"] = zero
+            ctx.logs[f"{self.name}/teacher_confidence"] = zero
+            return zero
+        counted = self._counted(ctx, rows, row_keep)
+        student = self._student(ctx, rows)
         if self.form == "adele":
-            return w * self._adele_term(ctx, clean, views, weights)
-        student = [ctx.logits if v is ctx.x else ctx.module(v) for v in views]
-        q = self._target(ctx, clean, student, weights)
-        mask = confidence_mask(q, self.threshold)
-        target = sharpen(q, self.sharpen_temperature)
+            return w * self._adele_term(ctx, rows, counted, row_keep, student)
+        weights = self.augmentation.view_weights()
+        dim = ctx.class_dim
+        q = self._target(ctx, rows, student, weights)
+        conf = q.amax(dim=dim)
+        confident = conf >= self.threshold
+        mask = _expand(confidence_quality(confident, counted), conf) if self.quality_weight else confident.float()
+        target = sharpen(q, self.sharpen_temperature, dim=dim)
         loss = torch.stack(
-            [wv * consistency_loss(z, target, mask, self.divergence) for wv, z in zip(weights, student)]
+            [
+                wv * consistency_loss(z, target, mask, self.divergence, dim=dim, valid=counted)
+                for wv, z in zip(weights, student)
+            ]
         ).sum()
-        ctx.logs[f"{self.name}/mask_rate"] = mask.mean()
-        ctx.logs[f"{self.name}/teacher_confidence"] = q.amax(dim=-1).mean()
+        ctx.logs[f"{self.name}/mask_rate"] = _masked_mean(confident, counted)
+        ctx.logs[f"{self.name}/teacher_confidence"] = _masked_mean(conf, counted)
         return w * loss
 
     # -- state ----------------------------------------------------------------------------------------------------
@@ -346,13 +510,18 @@ class LabelCorrection(LossRegularizer):
     r"""ADELE-style label correction: once a class's early learning ends, relabel confident disagreements.
 
     Paper: *Adaptive Early-Learning Correction for Segmentation from Noisy
-    Annotations* (ADELE), https://arxiv.org/abs/2110.03740, adapted from
-    pixels to samples.
+    Annotations* (ADELE), https://arxiv.org/abs/2110.03740. Its original setting
+    is segmentation (pixels); classification (samples) is the special case of
+    one element per sample, and token classification works like segmentation.
 
-    1. **Agreement.** Every step it counts, per class, the training-mode
-       predictions against the *given* labels; at each epoch's end the per-class
-       IoU :math:`\frac{TP}{|\hat y = c| + |y = c| - TP}` over the epoch is
-       appended to the class's agreement curve.
+    1. **Agreement.** Every training step it counts, per class, the predictions
+       against the *given* labels over the labelled elements (samples, pixels or
+       tokens; ``ignore_index`` elements and unlabeled samples are never counted):
+       true positives, predicted and given counts. The counts accumulate on the
+       device without a host sync; at each epoch's end they are summed over DDP
+       ranks (one all-reduce per epoch, so every rank fits the same curves) and
+       the per-class IoU :math:`\frac{TP}{|\hat y = c| + |y = c| - TP}` over the
+       epoch is appended to the class's agreement curve.
     2. **End of early learning.** It fits :math:`a(1 - e^{-x^b/c})` to each
        curve on ADELE's axis (the ``T`` points at ``linspace(0, T, T)``; ADELE's
        bounds and weights, see
@@ -362,57 +531,75 @@ class LabelCorrection(LossRegularizer):
        at the end of the (0-based) epoch ``T − 1 >= 1 + #{e < horizon : δ(e) <= r}``
        (ADELE's ``if_update``). Marks are kept: correction never stops once it starts. ADELE's trimming of a flat
        start of the curve (a segmentation-IoU heuristic) is not applied.
-    3. **Correction.** From the next epoch on, a sample whose given label ``y``
-       and confident prediction :math:`\hat y \ne y` (confidence
-       ``> threshold``, ADELE: 0.8) both belong to marked classes is relabelled
-       :math:`\hat y`; a later confident prediction of ``y`` itself reverts it.
-       Each sample's current correction is a row of a scalar
-       :class:`~lightning_reg.PerSampleTable` (the corrected label, or ``-1``),
-       so corrections are checkpointed and identical on every DDP rank; the
-       step's ``ctx.labels`` (which the base loss, target refiners and loss
+    3. **Correction.** From the next epoch on, in every training step:
+
+       * **Classification** (``(B, C)`` logits): a sample whose given label ``y``
+         and confident prediction :math:`\hat y \ne y` (confidence
+         ``> threshold``, ADELE: 0.8) both belong to marked classes is relabelled
+         :math:`\hat y`; a later confident prediction of ``y`` itself reverts it.
+         Each sample's current correction is a row of a scalar
+         :class:`~lightning_reg.PerSampleTable` (the corrected label, or ``-1``),
+         so corrections are checkpointed and identical on every DDP rank.
+       * **Dense outputs** (``(B, C, H, W)`` segmentation, ``(B, T, C)`` tokens): a labelled
+         element whose confident prediction :math:`\hat y` (``> threshold``) differs from its given
+         label and whose predicted class is marked is relabelled :math:`\hat y` (ADELE's ``single``
+         rule). There is no per-pixel table: the corrected map is recomputed from the *current*
+         prediction (the student's, or the EMA teacher's with ``source="teacher"``) in each step, so it
+         costs nothing to store and follows the model as it improves. (ADELE's code instead re-predicts
+         the whole training set with multi-scale and flip inference after each epoch and keeps the
+         corrected masks; ADELE also restricts the predicted class to those in the image's mask and
+         always corrects the background, which are dataset heuristics not applied here.) Void pixels and
+         padding (``ignore_index``) are never relabelled.
+
+       The step's ``ctx.labels`` (which the base loss, target refiners and loss
        terms use) are the corrected labels.
 
     The predictions are the student's on the clean input (reusing the step's
     logits; one extra no-grad forward only if an input-stage regularizer such
     as mixup changed the input), or the EMA teacher's with ``source="teacher"``
-    (shared with :class:`NoisyLabelConsistency` ``(teacher="ema")``: one teacher
-    forward per step). ``start_epoch`` starts correction for every class at a
+    (the step's shared teacher forward, :meth:`~lightning_reg.core.protocol.StepContext.teacher_probs`:
+    one per step whatever the number of consumers). ``start_epoch`` starts correction for every class at a
     fixed epoch instead, skipping the detector (for ablations).
+
+    **Unlabeled data.** Samples without labels (the unlabeled rows of a semi-supervised batch, or samples
+    whose labels are all ``ignore_index``) are never counted, relabelled or written to the table.
 
     Only training steps (``trainer.training``, not the sanity check) count,
     fit or correct. Called from ``validation_step`` or ``test_step`` (through
     ``regularized_loss``) it does nothing: those batches' indices are not
     training indices, so their labels are left as given.
 
-    Under DDP the agreement counts are summed over ranks every step (one
-    ``3 × C`` all-reduce), so each rank, and each checkpoint, holds the global
-    counts, and every rank fits the same curves.
+    **Checkpoints.** The counts of the running epoch are saved with the curves, so a run resumed mid-epoch
+    fits the same curve. Under DDP each rank holds its own counts until the epoch's end; a checkpoint
+    stores their sum over ranks (rank 0 continues from it, the other ranks from zero).
 
     When the true labels are known (a benchmark with injected noise), give
     them with ``true_labels_path`` (a ``torch.save``-d ``(N,)`` tensor) or
-    :meth:`set_true_labels` to log the corrections' precision.
+    :meth:`set_true_labels` to log the corrections' precision (classification).
 
     Args:
-        threshold: The confidence a prediction needs (strictly above) to relabel a sample (ADELE: 0.8).
+        threshold: The confidence a prediction needs (strictly above) to relabel an element (ADELE: 0.8).
         relative_change: ADELE's ``r`` in ``(0, 1)``: the relative drop of the fitted slope that ends early learning.
         min_epochs: Agreement points needed before the first fit (at least 2; three parameters want 3).
         horizon: The last epoch the detector considers (ADELE's ``n_epoch``); ``None``: the trainer's
             ``max_epochs`` (1000 if unbounded).
         start_epoch: If set, correct every class from this (0-based) epoch on, whatever the detector says.
         source: ``"student"`` or ``"teacher"`` (the :class:`~lightning_reg.EMATeacher`'s prediction).
-        num_samples: Training-set size; inferred from the train dataloader if ``None``.
+        num_samples: Training-set size (classification's table); inferred from the train dataloader if ``None``.
         table_device: ``"auto"`` (the module's device) or ``"cpu"``.
         true_labels_path: Optional path of a ``torch.save``-d ``(N,)`` tensor of true labels.
 
     Logged metrics (at each epoch's end):
 
-    ======================================  ============================================================
-    ``label_correction/num_corrected``       samples whose label is currently corrected
-    ``label_correction/active_classes``      classes whose early learning has ended (being corrected)
-    ``label_correction/agreement``           mean per-class IoU of predictions and given labels this epoch
-    ``label_correction/precision``           fraction of corrections equal to the true label (if known
-                                             and at least one correction exists)
-    ======================================  ============================================================
+    ==========================================  ============================================================
+    ``label_correction/num_corrected``           samples whose label is currently corrected (classification)
+    ``label_correction/relabeled_fraction``      the share of labelled elements (samples, pixels, tokens)
+                                                 trained on a corrected label during the epoch
+    ``label_correction/active_classes``          classes whose early learning has ended (being corrected)
+    ``label_correction/agreement``               mean per-class IoU of predictions and given labels this epoch
+    ``label_correction/precision``               fraction of corrections equal to the true label (if known
+                                                 and at least one correction exists; classification)
+    ==========================================  ============================================================
 
     Example:
         >>> import lightning as L
@@ -432,6 +619,7 @@ class LabelCorrection(LossRegularizer):
     name = "label_correction"
     stage = "label"
     requires_index = True
+    layouts = frozenset({"classification", "dense"})
     version = 1
 
     def __init__(
@@ -461,9 +649,11 @@ class LabelCorrection(LossRegularizer):
             raise TypeError(f"Expected argument `true_labels_path` to be a str or None, but got {true_labels_path!r}.")
         self.true_labels_path = true_labels_path
         self.table = PerSampleTable(num_samples=self.num_samples, device=self.table_device, fill=-1.0)
-        self._placed = False
+        self._placed = False  # counts on the step's device (and the table, for classification)
         self._teacher: TeacherProvider | None = None
-        self._counts: Tensor | None = None  # (3, C) long: TP, predicted, given, summed over ranks this epoch
+        self._counts: Tensor | None = None  # (3, C) long: TP, predicted, given, this rank's since the epoch's start
+        self._relabeled: Tensor | None = None  # (2,) long: elements trained on a corrected label, labelled elements
+        self._counts_global = False  # the loaded counts are a DDP checkpoint's sum over ranks
         self._history: list[Tensor] = []  # per-epoch (C,) IoU
         self._detected_epoch: Tensor | None = None  # (C,) long: epoch at whose end early learning ended, or -1
         self._active: tuple[int, Tensor | None] | None = None  # cache: (epoch, (C,) bool on device or None)
@@ -499,18 +689,28 @@ class LabelCorrection(LossRegularizer):
             )
         self._true_labels = true_labels.detach().to("cpu", torch.long)
 
-    def _ensure(self, trainer: Trainer, logits: Tensor) -> None:
+    def _ensure(self, trainer: Trainer, logits: Tensor, class_dim: int = -1, table: bool = True) -> None:
+        """Place the counts on the step's device (and allocate classification's table) at the first step."""
         if self._placed:
             return
-        n = self.num_samples if self.num_samples is not None else infer_num_samples(trainer, "LabelCorrection")
-        self.table.allocate(n, None, device=logits.device)
-        c = int(logits.shape[-1])
+        if table:
+            n = self.num_samples if self.num_samples is not None else infer_num_samples(trainer, "LabelCorrection")
+            self.table.allocate(n, None, device=logits.device)
+        c = int(logits.shape[class_dim])
         if self._counts is None:
             self._counts = torch.zeros(3, c, dtype=torch.long, device=logits.device)
         elif self._counts.shape[1] != c:
             raise ValueError(f"The checkpointed agreement counts have {self._counts.shape[1]} classes, the model {c}.")
         else:
             self._counts = self._counts.to(logits.device)
+        relabeled = self._relabeled if self._relabeled is not None else torch.zeros(2, dtype=torch.long)
+        self._relabeled = relabeled.to(logits.device)
+        if self._counts_global and int(getattr(trainer, "global_rank", 0)) != 0:
+            # A DDP checkpoint holds the epoch's counts summed over ranks: rank 0 continues from the sum, the
+            # others from zero, so the end-of-epoch all-reduce gives the same total as an uninterrupted run.
+            self._counts.zero_()
+            self._relabeled.zero_()
+        self._counts_global = False
         if self._detected_epoch is None:
             self._detected_epoch = torch.full((c,), -1, dtype=torch.long)
         self._active = None
@@ -520,10 +720,10 @@ class LabelCorrection(LossRegularizer):
     def _predictions(self, ctx: StepContext) -> Tensor:
         if self.source == "teacher" and _teacher_ready(self._teacher):
             assert self._teacher is not None
-            return _teacher_clean_probs(ctx, self._teacher, type(self).__name__)
+            return ctx.teacher_probs(self._teacher)
         if ctx.extras.get("clean_x") is None or ctx.x is ctx.extras.get("clean_x"):
             return ctx.probs()
-        return _student_clean_probs(ctx, type(self).__name__)
+        return ctx.student_clean_probs(type(self).__name__)
 
     def _active_classes(self, epoch: int, device: torch.device) -> Tensor | None:
         """The (C,) bool mask of classes being corrected in ``epoch`` on ``device``, or ``None`` if none (cached)."""
@@ -533,7 +733,7 @@ class LabelCorrection(LossRegularizer):
         active = self._detected_epoch >= 0
         if self.start_epoch is not None and epoch >= self.start_epoch:
             active = torch.ones_like(active)
-        mask = active.to(device) if bool(active.any()) else None
+        mask = active.to(device) if bool(active.any()) else None  # one host read per epoch
         self._active = (epoch, mask)
         return mask
 
@@ -542,26 +742,34 @@ class LabelCorrection(LossRegularizer):
             return  # validation, test, sanity check: no counts, no table, no relabelling by (non-training) index
         assert ctx.logits is not None
         trainer = ctx.module.trainer
-        index = ctx.require_index(type(self).__name__)
-        self._ensure(trainer, ctx.logits)
-        assert self._counts is not None
+        dense = ctx.is_dense
+        index = None if dense else ctx.require_index(type(self).__name__)
+        self._ensure(trainer, ctx.logits, ctx.class_dim, table=not dense)
+        assert self._counts is not None and self._relabeled is not None
         probs = self._predictions(ctx)
-        conf, pred = probs.max(dim=-1)
+        conf, pred = probs.max(dim=ctx.class_dim)
         given = ctx.given_labels
-        counts = class_agreement_counts(pred, given, probs.shape[-1])
-        strategy = trainer.strategy
-        if getattr(strategy, "world_size", 1) > 1:
-            counts = strategy.reduce(counts, reduce_op="sum")
-        self._counts += counts
+        valid = given != ctx.ignore_index  # labelled elements only: unlabeled samples never count
+        self._counts += class_agreement_counts(pred, given, probs.shape[ctx.class_dim], valid=valid)
         active = self._active_classes(trainer.current_epoch, given.device)
         if active is None:
+            self._relabeled[1] += valid.sum()
             return
-        old, _ = self.table.read(index, device=given.device)
-        eligible = active[given] & active[pred] & (conf > self.threshold)
-        proposal = torch.where(pred != given, pred.float(), torch.full_like(old, -1.0))
-        new = torch.where(eligible, proposal, old)
-        self.table.write(index, new, strategy=strategy)
-        ctx.labels = torch.where(new >= 0, new.long(), ctx.labels)
+        if dense:  # ADELE's rule, recomputed from the current prediction each step: no per-element table
+            changed = valid & active[pred] & (conf > self.threshold) & (pred != given)
+            ctx.labels = torch.where(changed, pred, ctx.labels)
+        else:
+            assert index is not None
+            old, _ = self.table.read(index, device=given.device)
+            safe = torch.where(valid, given, torch.zeros_like(given))
+            eligible = valid & active[safe] & active[pred] & (conf > self.threshold)
+            proposal = torch.where(pred != given, pred.float(), torch.full_like(old, -1.0))
+            new = torch.where(eligible, proposal, old)
+            # Rows of unlabeled samples are non-finite, which the table does not write (no host sync).
+            self.table.write(index, torch.where(valid, new, torch.full_like(new, math.nan)), strategy=trainer.strategy)
+            changed = valid & (new >= 0)
+            ctx.labels = torch.where(changed, new.long(), ctx.labels)
+        self._relabeled += torch.stack([changed.sum(), valid.sum()])
 
     # -- epoch end: detection and logging -------------------------------------------------------------------------
     def _horizon(self, trainer: Trainer) -> int:
@@ -570,11 +778,24 @@ class LabelCorrection(LossRegularizer):
         me = trainer.max_epochs
         return int(me) if me is not None and me > 1 else 1000
 
+    def _summed_over_ranks(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
+        """This epoch's ``(counts, relabeled)`` summed over DDP ranks (one all-reduce; a collective call)."""
+        assert self._counts is not None and self._relabeled is not None
+        packed = torch.cat([self._counts.flatten(), self._relabeled])
+        strategy = trainer.strategy
+        if getattr(strategy, "world_size", 1) > 1:
+            packed = strategy.reduce(packed, reduce_op="sum")
+        packed = packed.cpu()
+        c = self._counts.shape[1]
+        return packed[: 3 * c].view(3, c), packed[3 * c :]
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._counts is None or self._detected_epoch is None:
+        if self._counts is None or self._detected_epoch is None or self._relabeled is None:
             return
-        iou = class_iou(self._counts.cpu())
+        counts, relabeled = self._summed_over_ranks(trainer)
+        iou = class_iou(counts)
         self._counts.zero_()
+        self._relabeled.zero_()
         self._history.append(iou)
         ended = end_of_early_learning(
             torch.stack(self._history),
@@ -588,26 +809,44 @@ class LabelCorrection(LossRegularizer):
         )
         self._active = None
         logs: dict[str, float] = {
-            f"{self.name}/num_corrected": float(self.num_corrected),
+            f"{self.name}/relabeled_fraction": float(relabeled[0]) / max(1, int(relabeled[1])),
             f"{self.name}/active_classes": float(int((self._detected_epoch >= 0).sum())),
             f"{self.name}/agreement": float(iou.mean()),
         }
+        if self.table.is_allocated:
+            logs[f"{self.name}/num_corrected"] = float(self.num_corrected)
         precision = self.precision()
         if precision is not None:
             logs[f"{self.name}/precision"] = precision
         for key, value in logs.items():
             pl_module.log(key, value, on_step=False, on_epoch=True)
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Under DDP, store the running epoch's counts summed over ranks (every rank saves the checkpoint)."""
+        if getattr(trainer.strategy, "world_size", 1) <= 1 or self._counts is None or self._relabeled is None:
+            return
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            return
+        counts, relabeled = self._summed_over_ranks(trainer)
+        state["counts"], state["relabeled"], state["counts_global"] = counts, relabeled, True
+
     # -- results --------------------------------------------------------------------------------------------------
     def corrections(self) -> Tensor:
-        """The ``(N,)`` long tensor of corrected labels, ``-1`` where a sample keeps its given label."""
+        """The ``(N,)`` long tensor of corrected labels, ``-1`` where a sample keeps its given label (classification).
+
+        Dense outputs keep no table (their corrections are recomputed in each step), so there is none to return.
+        """
         if not self.table.is_allocated:
-            raise RuntimeError("`LabelCorrection` has no table yet: train (or load a checkpoint) first.")
+            raise RuntimeError(
+                "`LabelCorrection` has no table: train (or load a checkpoint) first. Dense outputs keep none (their"
+                " corrected labels are recomputed from the prediction in each step)."
+            )
         return self.table.dense().long()
 
     @property
     def num_corrected(self) -> int:
-        """How many samples currently have a corrected label (a host sync: not for per-step use)."""
+        """How many samples currently have a corrected label (a host sync: not for per-step use; 0 for dense)."""
         if not self.table.is_allocated:
             return 0
         return int((self.table.dense() >= 0).sum())
@@ -646,6 +885,8 @@ class LabelCorrection(LossRegularizer):
             "table": self.table.state_dict(),
             "history": self.agreement_history.clone(),
             "counts": None if self._counts is None else self._counts.detach().cpu().clone(),
+            "relabeled": None if self._relabeled is None else self._relabeled.detach().cpu().clone(),
+            "counts_global": False,  # `on_save_checkpoint` stores the sum over DDP ranks and sets it
             "detected_epoch": None if self._detected_epoch is None else self._detected_epoch.clone(),
         }
 
@@ -655,6 +896,9 @@ class LabelCorrection(LossRegularizer):
         history = state_dict["history"]
         self._history = [row.clone() for row in history] if history.numel() else []
         self._counts = None if state_dict["counts"] is None else state_dict["counts"].clone()
+        relabeled = state_dict.get("relabeled")
+        self._relabeled = None if relabeled is None else relabeled.clone()
+        self._counts_global = bool(state_dict.get("counts_global", False))
         de = state_dict["detected_epoch"]
         self._detected_epoch = None if de is None else de.clone()
         self._active = None

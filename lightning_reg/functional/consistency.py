@@ -10,7 +10,9 @@ clean or weakly augmented view:
           m_i = \mathbb 1\!\left[\max_c q_{ic} \ge \text{threshold}\right]
 
 The mean runs over *all* ``B`` samples, masked ones included (UDA), so the
-threshold lowers the term's scale as well as selecting samples.
+threshold lowers the term's scale as well as selecting samples. On dense
+outputs (segmentation ``(B, C, H, W)``, tokens ``(B, T, C)``) ``i`` runs over
+the elements (pixels, tokens) that count, with the classes along ``dim``.
 
 ADELE's official multi-scale term (``calc_jsd_multiscale``) differs: it pulls
 every scale's prediction and the mean prediction :math:`\bar p` towards each
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "adele_confidence",
     "adele_multiscale_consistency",
     "class_agreement_counts",
     "class_iou",
@@ -58,7 +61,7 @@ __all__ = [
 Divergence = Literal["kl", "mse"]
 
 
-def sharpen(probs: Tensor, temperature: float) -> Tensor:
+def sharpen(probs: Tensor, temperature: float, dim: int = -1) -> Tensor:
     r"""Sharpen a distribution with temperature :math:`\tau`: :math:`q_c \propto p_c^{1/\tau}`.
 
     Equal to ``softmax(z / τ)`` when ``probs = softmax(z)`` (UDA's sharpened
@@ -66,8 +69,9 @@ def sharpen(probs: Tensor, temperature: float) -> Tensor:
     in log space.
 
     Args:
-        probs: ``(B, C)`` probabilities.
+        probs: Probabilities with the classes along ``dim`` (``(B, C)``, ``(B, C, H, W)``, ``(B, T, C)``).
         temperature: ``τ > 0``.
+        dim: The class dimension.
 
     Example:
         >>> sharpen(torch.tensor([[0.6, 0.4]]), 0.5)
@@ -78,21 +82,28 @@ def sharpen(probs: Tensor, temperature: float) -> Tensor:
     if temperature == 1.0:
         return probs.float()
     logp = torch.log(probs.float().clamp_min(torch.finfo(torch.float32).tiny))
-    return torch.softmax(logp / temperature, dim=-1)
+    return torch.softmax(logp / temperature, dim=dim)
 
 
-def confidence_mask(probs: Tensor, threshold: float) -> Tensor:
-    r"""The confidence mask :math:`m_i = \mathbb 1[\max_c p_{ic} \ge \text{threshold}]` as fp32.
+def confidence_mask(probs: Tensor, threshold: float, dim: int = -1) -> Tensor:
+    r"""The confidence mask :math:`m_i = \mathbb 1[\max_c p_{ic} \ge \text{threshold}]` as fp32, per element.
+
+    Args:
+        probs: Probabilities with the classes along ``dim``.
+        threshold: The confidence threshold.
+        dim: The class dimension (removed from the result).
 
     Example:
         >>> confidence_mask(torch.tensor([[0.9, 0.1], [0.6, 0.4]]), 0.8)
         tensor([1., 0.])
     """
-    return (probs.float().amax(dim=-1) >= threshold).float()
+    return (probs.float().amax(dim=dim) >= threshold).float()
 
 
-def consistency_divergence(student_logits: Tensor, teacher_probs: Tensor, divergence: Divergence = "kl") -> Tensor:
-    r"""Per-sample divergence :math:`D(q_i \,\|\, p_i)` between a target ``q`` and ``p = softmax(z)``, in fp32.
+def consistency_divergence(
+    student_logits: Tensor, teacher_probs: Tensor, divergence: Divergence = "kl", dim: int = -1
+) -> Tensor:
+    r"""Per-element divergence :math:`D(q_i \,\|\, p_i)` between a target ``q`` and ``p = softmax(z)``, in fp32.
 
     * ``"kl"``: :math:`\sum_c q_c(\log q_c - \log p_c)` (with :math:`0 \log 0 = 0`);
     * ``"mse"``: Mean Teacher's softmax MSE, :math:`\frac1C\sum_c (q_c - p_c)^2`.
@@ -100,12 +111,13 @@ def consistency_divergence(student_logits: Tensor, teacher_probs: Tensor, diverg
     The target carries no gradient.
 
     Args:
-        student_logits: ``(B, C)`` logits of the perturbed view.
-        teacher_probs: ``(B, C)`` target distributions.
+        student_logits: Logits of the perturbed view, classes along ``dim`` (``(B, C)``, ``(B, C, H, W)``, ...).
+        teacher_probs: Target distributions of the same shape.
         divergence: ``"kl"`` or ``"mse"``.
+        dim: The class dimension.
 
     Returns:
-        ``(B,)`` divergences.
+        The divergences, ``dim`` removed (``(B,)`` for classification, ``(B, H, W)`` for segmentation).
 
     Example:
         >>> z = torch.log(torch.tensor([[0.5, 0.5]]))
@@ -116,11 +128,11 @@ def consistency_divergence(student_logits: Tensor, teacher_probs: Tensor, diverg
     """
     q = teacher_probs.detach().float()
     if divergence == "kl":
-        logp = F.log_softmax(student_logits.float(), dim=-1)
-        return (torch.xlogy(q, q) - q * logp).sum(dim=-1)
+        logp = F.log_softmax(student_logits.float(), dim=dim)
+        return (torch.xlogy(q, q) - q * logp).sum(dim=dim)
     if divergence == "mse":
-        p = torch.softmax(student_logits.float(), dim=-1)
-        return (q - p).pow(2).mean(dim=-1)
+        p = torch.softmax(student_logits.float(), dim=dim)
+        return (q - p).pow(2).mean(dim=dim)
     raise ValueError(f"Expected argument `divergence` to be one of ['kl', 'mse'], but got {divergence!r}.")
 
 
@@ -129,17 +141,24 @@ def consistency_loss(
     teacher_probs: Tensor,
     mask: Tensor | None = None,
     divergence: Divergence = "kl",
+    *,
+    dim: int = -1,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    r"""The masked consistency loss :math:`\frac1B\sum_i m_i\, D(\mathrm{sg}(q_i) \,\|\, p(\tilde x_i))`.
+    r"""The masked consistency loss :math:`\frac{1}{|E|}\sum_{i \in E} m_i\, D(\mathrm{sg}(q_i) \,\|\, p(\tilde x_i))`.
 
-    The mean runs over all ``B`` samples, masked ones included. Multiply by
-    the weight :math:`w(t)` outside.
+    The mean runs over the elements :math:`E` that count (all samples for classification; the ``valid``
+    pixels or tokens on dense outputs), masked ones included; elements outside :math:`E` contribute
+    nothing, and no counted element gives exactly 0. Multiply by the weight :math:`w(t)` outside.
 
     Args:
-        student_logits: ``(B, C)`` logits of the perturbed view (any float dtype; computed in fp32).
-        teacher_probs: ``(B, C)`` (sharpened) target, detached.
-        mask: ``(B,)`` per-sample weights ``m_i`` (e.g. from :func:`confidence_mask`), or ``None`` for all ones.
+        student_logits: Logits of the perturbed view (any float dtype; computed in fp32), classes along ``dim``.
+        teacher_probs: The (sharpened) target of the same shape, detached.
+        mask: Per-element weights ``m_i`` (``dim`` removed; e.g. from :func:`confidence_mask`, or MIC's
+            per-image quality weight), or ``None`` for all ones.
         divergence: ``"kl"`` or ``"mse"`` (see :func:`consistency_divergence`).
+        dim: The class dimension (``-1`` for ``(B, C)`` and ``(B, T, C)``, ``1`` for ``(B, C, H, W)``).
+        valid: Optional boolean mask of the elements :math:`E` (``dim`` removed); ``None``: every element.
 
     Example:
         >>> z = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
@@ -147,15 +166,63 @@ def consistency_loss(
         >>> consistency_loss(z, q, mask=torch.tensor([1.0, 0.0]))  # (log 2 + 0) / 2
         tensor(0.3466)
     """
-    d = consistency_divergence(student_logits, teacher_probs, divergence)
+    d = consistency_divergence(student_logits, teacher_probs, divergence, dim=dim)
     if mask is not None:
         d = d * mask.to(d.dtype)
-    return d.mean()
+    if valid is None:
+        return d.mean()
+    return torch.where(valid, d, torch.zeros((), dtype=d.dtype, device=d.device)).sum() / valid.sum().clamp_min(1)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """fp64 stays fp64; every other float dtype is computed in fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _adele_weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(v) for v in weights]
+    if len(w) != n or any(not v >= 0 for v in w) or sum(w) <= 0:
+        raise ValueError(
+            f"Expected argument `weights` to hold {n} non-negative floats with a positive sum, but got {list(weights)}."
+        )
+    return [v / sum(w) for v in w]
+
+
+def _adele_mixture(probs: Sequence[Tensor], w: Sequence[float], eps: float) -> Tensor:
+    return torch.stack([wi * p for wi, p in zip(w, probs)]).sum(dim=0).clamp(eps, 1.0 - eps)
+
+
+def _sample_confidence(mixture: Tensor, valid: Tensor | None, dim: int) -> Tensor:
+    """``(B,)``: the largest clipped mean probability over the classes and the sample's valid elements."""
+    conf = mixture if valid is None else mixture * valid.unsqueeze(dim).to(mixture.dtype)
+    return conf.flatten(1).amax(dim=1)
+
+
+def adele_confidence(
+    view_logits: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    valid: Tensor | None = None,
+    eps: float = 1e-3,
+    dim: int = 1,
+) -> Tensor:
+    r"""ADELE's per-sample confidence :math:`\max_{c,\,j \in V_b} \bar p_{bcj}` (detached, fp32 or fp64).
+
+    The quantity :func:`adele_multiscale_consistency` thresholds: the largest clipped mean prediction over
+    the classes and the sample's valid elements.
+
+    Example:
+        >>> z1 = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]]))
+        >>> z2 = torch.log(torch.tensor([[0.7, 0.3], [0.4, 0.6]]))
+        >>> adele_confidence([z1, z2])
+        tensor([0.8000, 0.5000])
+    """
+    w = _adele_weights(len(view_logits), weights)
+    dtype = _compute_dtype(view_logits[0])
+    with torch.no_grad():
+        probs = [torch.softmax(z.detach().to(dtype), dim=dim) for z in view_logits]
+        return _sample_confidence(_adele_mixture(probs, w, eps), valid, dim)
 
 
 def adele_multiscale_consistency(
@@ -164,6 +231,9 @@ def adele_multiscale_consistency(
     threshold: float = 0.8,
     valid: Tensor | None = None,
     eps: float = 1e-3,
+    *,
+    counted: Tensor | None = None,
+    dim: int = 1,
 ) -> Tensor:
     r"""ADELE's multi-scale consistency term, as the official ``calc_jsd_multiscale`` computes it.
 
@@ -172,36 +242,41 @@ def adele_multiscale_consistency(
     .. math:: \bar p = \mathrm{clip}\!\Big(\sum_s w_s\, p_s,\ \epsilon,\ 1 - \epsilon\Big),\qquad
               m_b = \mathbb 1\!\Big[\max_{c,\,j \in V_b} \bar p_{b c j} \ge \text{threshold}\Big],
 
-    .. math:: \mathcal L = \frac1{N}\sum_{b,j} m_b \sum_s \mathrm{KL}\!\left(p_{s,bj} \,\|\, \bar p_{bj}\right)
-              = \frac1{N}\sum_{b,j} m_b \sum_s \sum_c p_{s,bcj}\,(\log p_{s,bcj} - \log \bar p_{bcj})
+    .. math:: \mathcal L = \frac1{|E|}\sum_{(b,j) \in E} m_b \sum_s \mathrm{KL}\!\left(p_{s,bj} \| \bar p_{bj}\right)
+              = \frac1{|E|}\sum_{(b,j) \in E} m_b \sum_s \sum_c p_{s,bcj}\,(\log p_{s,bcj} - \log \bar p_{bcj})
 
     where :math:`j` runs over a sample's elements (one for classification,
-    the pixels for segmentation), :math:`V_b` are sample ``b``'s valid
-    elements and :math:`N` is the number of *all* elements. Unlike the
-    UDA-style :func:`consistency_loss`:
+    the pixels for segmentation, the tokens of a sequence), :math:`V_b` are sample ``b``'s valid
+    elements and :math:`E` the elements averaged over (``counted``; by default *all* of them, as the official
+    code). Unlike the UDA-style :func:`consistency_loss`:
 
     * the KL runs from each view to the mean, :math:`\mathrm{KL}(p_s \| \bar p)`, and is **summed** over the
       views (not averaged, not weighted: the weights only enter :math:`\bar p`);
     * the gradient flows through :math:`\bar p` as well as through every :math:`p_s`; nothing is sharpened;
     * the mask is one flag per *sample*: the largest clipped mean probability over its classes and valid
-      elements (for classification: :math:`\max_c \bar p_{bc}`); the mean runs over all ``N`` elements,
-      masked and invalid ones included (ADELE's default ``Mask_label255_sign='no'``).
+      elements (for classification: :math:`\max_c \bar p_{bc}`; :func:`adele_confidence`); with
+      ``counted=None`` the mean runs over all ``N`` elements, masked and invalid ones included (ADELE's
+      default ``Mask_label255_sign='no'``).
 
     ADELE's weights are ``softmax(weight)`` of a parameter initialised to ones (uniform); ``ε = 10^{-3}``.
     Computed in fp32 (fp64 stays fp64). Paper: https://arxiv.org/abs/2110.03740; code:
     https://github.com/Kangningthu/ADELE (``lib/utils/JSD_loss.py``).
 
     Args:
-        view_logits: At least two logits tensors of one shape, ``(B, C)`` or ``(B, C, *d)`` (resize dense
-            predictions to a common size first, as ADELE does).
+        view_logits: At least two logits tensors of one shape, ``(B, C)``, ``(B, C, *d)`` or ``(B, T, C)`` with
+            ``dim=-1`` (resize dense predictions to a common size first, as ADELE does:
+            :meth:`~lightning_reg.augment.Augmentation.invert_output`).
         weights: Non-negative weights ``w_s`` of the views in :math:`\bar p`, normalised; ``None`` is uniform.
         threshold: The confidence threshold in ``[0, 1]`` for :math:`m_b` (ADELE: 0.8).
-        valid: Optional boolean ``(B, *d)`` mask of labelled elements (ADELE's ``label < 255``): only these
-            enter the per-sample maximum.
+        valid: Optional boolean mask of labelled elements (``dim`` removed; ADELE's ``label < 255``): only
+            these enter the per-sample maximum.
         eps: The clip :math:`\epsilon` of :math:`\bar p` in ``[0, 0.5)``.
+        counted: Optional boolean mask of the elements :math:`E` the mean runs over (``dim`` removed);
+            ``None``: all of them (the official term). Elements outside contribute nothing.
+        dim: The class dimension (``1``; ``-1`` for ``(B, T, C)`` token logits).
 
     Returns:
-        The scalar term (weight it outside).
+        The scalar term (weight it outside); 0 if no element is counted.
 
     Example:
         >>> z1 = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]]))
@@ -215,38 +290,41 @@ def adele_multiscale_consistency(
         raise ValueError(
             f"Expected argument `view_logits` to hold at least 2 views (one per scale), but got {len(view_logits)}."
         )
-    if weights is None:
-        w = [1.0 / len(view_logits)] * len(view_logits)
-    else:
-        w = [float(v) for v in weights]
-        if len(w) != len(view_logits) or any(not v >= 0 for v in w) or sum(w) <= 0:
-            raise ValueError(
-                f"Expected argument `weights` to hold {len(view_logits)} non-negative floats with a positive sum,"
-                f" but got {list(weights)}."
-            )
-        w = [v / sum(w) for v in w]
+    w = _adele_weights(len(view_logits), weights)
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"Expected argument `eps` to be a float in [0, 0.5), but got {eps}.")
     dtype = _compute_dtype(view_logits[0])
-    logp = [F.log_softmax(z.to(dtype), dim=1) for z in view_logits]
+    logp = [F.log_softmax(z.to(dtype), dim=dim) for z in view_logits]
     probs = [lp.exp() for lp in logp]
-    mixture = torch.stack([wi * p for wi, p in zip(w, probs)]).sum(dim=0).clamp(eps, 1.0 - eps)
+    mixture = _adele_mixture(probs, w, eps)
     with torch.no_grad():
-        conf = mixture if valid is None else mixture * valid.unsqueeze(1).to(dtype)
-        mask = (conf.flatten(1).amax(dim=1) >= threshold).to(dtype)  # (B,): one flag per sample
+        mask = (_sample_confidence(mixture, valid, dim) >= threshold).to(dtype)  # (B,): one flag per sample
     log_mixture = mixture.log()
     # Σ_s KL(p_s ‖ p̄) per element; p_s·log p_s from log_softmax stays finite (0 where p_s underflows).
-    kl = torch.stack([(p * (lp - log_mixture)).sum(dim=1) for p, lp in zip(probs, logp)]).sum(dim=0)
-    return (kl * mask.view(-1, *([1] * (kl.dim() - 1)))).mean()
+    kl = torch.stack([(p * (lp - log_mixture)).sum(dim=dim) for p, lp in zip(probs, logp)]).sum(dim=0)
+    kl = kl * mask.view(-1, *([1] * (kl.dim() - 1)))
+    if counted is None:
+        return kl.mean()
+    return torch.where(counted, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum() / counted.sum().clamp_min(
+        1
+    )
 
 
 # -- label correction (ADELE) -------------------------------------------------------------------------------------
 
 
-def class_agreement_counts(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+def class_agreement_counts(pred: Tensor, labels: Tensor, num_classes: int, valid: Tensor | None = None) -> Tensor:
     """Per-class ``[true positives, predicted count, label count]`` of predictions against labels, as ``(3, C)``.
 
-    Built with ``scatter_add_`` (no host sync), so it can run every step.
+    Any shape: samples, or the pixels/tokens of dense outputs (ADELE counts pixels). Elements outside
+    ``valid`` (void pixels, padding, unlabeled samples) are not counted, whatever their label value. Built
+    with ``scatter_add_`` (no host sync), so it can run every step.
+
+    Args:
+        pred: Predicted classes.
+        labels: Given labels of the same shape.
+        num_classes: ``C``.
+        valid: Optional boolean mask of the elements to count; ``None``: all (every label must be in ``[0, C)``).
 
     Example:
         >>> class_agreement_counts(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2)
@@ -254,10 +332,18 @@ def class_agreement_counts(pred: Tensor, labels: Tensor, num_classes: int) -> Te
                 [1, 2],
                 [2, 1]])
     """
+    pred, labels = pred.reshape(-1), labels.reshape(-1)
     counts = torch.zeros(3, num_classes, dtype=torch.long, device=labels.device)
-    counts[0].scatter_add_(0, labels, (pred == labels).long())
-    counts[1].scatter_add_(0, pred, torch.ones_like(pred))
-    counts[2].scatter_add_(0, labels, torch.ones_like(labels))
+    if valid is None:
+        counts[0].scatter_add_(0, labels, (pred == labels).long())
+        counts[1].scatter_add_(0, pred, torch.ones_like(pred))
+        counts[2].scatter_add_(0, labels, torch.ones_like(labels))
+        return counts
+    keep = valid.reshape(-1).long()
+    safe = torch.where(keep.bool(), labels, torch.zeros_like(labels))
+    counts[0].scatter_add_(0, safe, (pred == labels).long() * keep)
+    counts[1].scatter_add_(0, pred, keep)
+    counts[2].scatter_add_(0, safe, keep)
     return counts
 
 
