@@ -424,6 +424,124 @@ def run(suite: str = "quick", device: str = "cpu") -> dict[str, Any]:
     return {"title": "Overhead per training step", "markdown": md, "rows": records, "claims": claims}
 
 
+# -- host syncs per step ------------------------------------------------------------------------------
+_SYNC_METHODS = ("item", "cpu", "tolist", "__bool__", "__int__", "__float__")
+
+
+class _SyncCounter(Callback):
+    """Counts host syncs inside each training step (batch start to batch end), split by logging step.
+
+    On CPU it patches ``Tensor.item/.cpu/.tolist/__bool__/__int__/__float__`` (calls that would wait for an
+    accelerator); on CUDA it uses ``torch.cuda.set_sync_debug_mode("warn")`` and counts the warnings. Each sync
+    is attributed to the innermost frame in ``lightning_reg`` (else ``lightning/torch``).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.active = False
+        self.current = 0
+        self.per_step: list[tuple[bool, int]] = []  # (logging step, syncs)
+        self.sites: dict[str, list[int]] = {}  # site -> [on logging steps, on other steps]
+        self._log_step = False
+        self._saved: dict[str, Any] = {}
+
+    def _site(self) -> str:
+        import traceback
+
+        for frame in reversed(traceback.extract_stack()[:-3]):
+            if "lightning_reg" in frame.filename and "overhead" not in frame.filename:
+                return f"{frame.filename.split('lightning_reg')[-1].lstrip('/')}:{frame.lineno} ({frame.name})"
+        return "lightning/torch"
+
+    def _record(self) -> None:
+        if self.active:
+            self.active = False  # no recursion through the traceback machinery
+            try:
+                self.current += 1
+                counts = self.sites.setdefault(self._site(), [0, 0])
+                counts[0 if self._log_step else 1] += 1
+            finally:
+                self.active = True
+
+    def install(self) -> None:
+        if self.device.type == "cuda":
+            import warnings
+
+            torch.cuda.set_sync_debug_mode("warn")
+            self._saved["showwarning"] = warnings.showwarning
+            original = warnings.showwarning
+
+            def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+                if "synchroniz" in str(message):
+                    self._record()
+                else:
+                    original(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            warnings.simplefilter("always")
+            return
+        for name in _SYNC_METHODS:
+            orig = getattr(torch.Tensor, name)
+            self._saved[name] = orig
+
+            def counted(t: Any, *a: Any, _orig: Any = orig, **k: Any) -> Any:
+                self._record()
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+
+    def uninstall(self) -> None:
+        if self.device.type == "cuda":
+            import warnings
+
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = self._saved.pop("showwarning")
+            return
+        for name, orig in self._saved.items():
+            setattr(torch.Tensor, name, orig)
+        self._saved = {}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+        self._log_step = (trainer.global_step + 1) % every == 0  # Lightning logs after step `global_step + 1`
+        self.current, self.active = 0, True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.active = False
+        self.per_step.append((self._log_step, self.current))
+
+
+def sync_counts(steps: int = 20, device: str = "cpu", log_every_n_steps: int = 5) -> dict[str, Any]:
+    """Host syncs per training step for each callback and all composed, on logging and other steps."""
+    dev = torch.device(device)
+    arms = {"none": ("", lambda: [], "")} | _arms()
+    out: dict[str, Any] = {}
+    for name, (_, factory, _) in arms.items():
+        counter = _SyncCounter(dev)
+        counter.install()
+        try:
+            fit(
+                _model(),
+                _loader(),
+                [*factory(), counter],
+                epochs=-1,
+                max_steps=steps,
+                accelerator="gpu" if dev.type == "cuda" else "cpu",
+                log_every_n_steps=log_every_n_steps,
+            )
+        finally:
+            counter.uninstall()
+        rows = counter.per_step[1:]  # the first step allocates tables and validates indices once
+        logs = [n for is_log, n in rows if is_log]
+        other = [n for is_log, n in rows if not is_log]
+        out[name] = {
+            "logging_step": statistics.mean(logs) if logs else float("nan"),
+            "other_step": statistics.mean(other) if other else float("nan"),
+            "sites": counter.sites,
+        }
+    return out
+
+
 if __name__ == "__main__":
     from rich.console import Console
     from rich.markdown import Markdown
@@ -431,5 +549,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description="Per-step overhead.")
     parser.add_argument("suite", nargs="?", choices=["quick", "full"], default="quick")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--syncs", action="store_true", help="count host syncs per step instead of timing")
     args = parser.parse_args(sys.argv[1:])
-    Console().print(Markdown(run(args.suite, device=args.device)["markdown"]))
+    if args.syncs:
+        for arm, r in sync_counts(device=args.device).items():
+            print(f"{arm}: {r['logging_step']:.1f} syncs per logging step, {r['other_step']:.1f} per other step")
+            for site, (on_log, on_other) in sorted(r["sites"].items(), key=lambda kv: -sum(kv[1])):
+                print(f"    {site}: {on_log} on logging steps, {on_other} on other steps")
+    else:
+        Console().print(Markdown(run(args.suite, device=args.device)["markdown"]))
