@@ -105,3 +105,17 @@ def test_harmful_combinations_has_no_side_effects_and_accepts_a_real_trainer() -
         assert len(harmful_combinations(trainer)) == 1
     assert harmful_combinations(_trainer()) == []
     assert harmful_combinations(SimpleNamespace()) == []
+
+
+def test_setup_warns_once_per_fit_through_the_pipeline() -> None:
+    """The pipeline's setup calls ``warn_harmful_combinations`` once, whatever the number of regularizers."""
+    import warnings
+
+    from lightning_reg import PSKD, NoisyLabelConsistency
+    from tests.helpers import fit
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([PSKD(), NoisyLabelConsistency(threshold=0.8)], max_epochs=1, limit_train_batches=1)
+    texts = [str(w.message) for w in caught if "threshold" in str(w.message) and "PSKD" in str(w.message)]
+    assert len(texts) == 1, texts

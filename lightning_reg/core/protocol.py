@@ -645,6 +645,10 @@ class LossRegularizer(RegularizerCallback):
             )
         check_pipeline(trainer)
         self._pipeline_checked = False
+        if regularizers_of(trainer)[:1] == [self]:  # once per setup: known harmful combinations, with the fix
+            from lightning_reg.core.compat import warn_harmful_combinations
+
+            warn_harmful_combinations(trainer)
 
     def unsupported_layout_hint(self) -> str:
         """The fix to print when the step's layout is not in :attr:`layouts` (override to be specific)."""
