@@ -20,12 +20,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassJaccardIndex
 
 from lightning_reg.core.protocol import RegularizedModule, unpack_batch
 from lightning_reg.core.validation import check_choice, check_float, check_int
 
-__all__ = ["ClassifierModule", "MLPClassifier", "SmallCNN"]
+__all__ = ["ClassifierModule", "MLPClassifier", "SmallCNN", "SmallUNet"]
 
 
 class ClassifierModule(RegularizedModule, L.LightningModule):
@@ -157,3 +157,137 @@ class SmallCNN(ClassifierModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """Two 3×3 convolutions with BatchNorm and ReLU (the U-Net block)."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallUNet(ClassifierModule):
+    """A small U-Net for semantic segmentation: per-pixel logits ``(B, num_classes, H, W)``.
+
+    One resolution per entry of ``channels`` (``H``, ``H/2``, ``H/4``, …) with
+    skip connections: an encoder of two-convolution blocks (3×3 conv,
+    BatchNorm, ReLU, twice) and max-pooling, a bottleneck at the lowest
+    resolution, a decoder of 2×2 transposed convolutions and blocks over the
+    concatenated skip, and a 1×1 head. Any ``H``, ``W`` works (an upsampled map
+    is resized to its skip's size when they differ). Optimisation is :class:`ClassifierModule`'s
+    (``lr``, ``optimizer``, ``weight_decay``, ``lr_schedule``); ``training_step``
+    is the :class:`~lightning_reg.RegularizedModule` pipeline.
+
+    Args:
+        num_classes: Number of classes, background included (11 for
+            :class:`~lightning_reg.data.segmentation.SegmentationDataModule`).
+        channels: Widths per resolution, finest first; the last is the bottleneck (at least two).
+        in_channels: Input channels.
+        dropout: ``nn.Dropout2d`` rate at the bottleneck (the module dropout schedules act on).
+        ignore_index: Label of pixels left out of the validation/test loss and metrics.
+        **kwargs: See :class:`ClassifierModule` (``lr``, ``optimizer``, ``weight_decay``, ``lr_schedule``).
+
+    Logged metrics (pixels labelled ``ignore_index`` are left out):
+
+    ====================  ======================================================================
+    ``val/loss``           per-pixel cross-entropy
+    ``val/mIoU``           mean IoU over the classes present (``MulticlassJaccardIndex``, macro)
+    ``val/pixel_acc``      pixel accuracy
+    ``test/loss``          as ``val/loss``, on the test set
+    ``test/mIoU``          as ``val/mIoU``
+    ``test/pixel_acc``     as ``val/pixel_acc``
+    ``test/ece``           15-bin expected calibration error over pixels
+    ====================  ======================================================================
+
+    Example:
+        >>> model = SmallUNet(num_classes=11, channels=[8, 16, 32])
+        >>> model(torch.zeros(2, 1, 48, 48)).shape
+        torch.Size([2, 11, 48, 48])
+
+    YAML::
+
+        model:
+          class_path: lightning_reg.models.SmallUNet
+          init_args: {num_classes: 11, channels: [16, 32, 64], lr: 0.003, optimizer: adamw, weight_decay: 0.0001}
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 11,
+        channels: list[int] | None = None,
+        in_channels: int = 1,
+        dropout: float = 0.0,
+        ignore_index: int = -100,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        widths = [16, 32, 64] if channels is None else [check_int("channels", c, low=1) for c in channels]
+        if len(widths) < 2:
+            raise ValueError(f"Expected argument `channels` to be a list of at least 2 widths, but got {channels!r}.")
+        self.channels = widths
+        self.in_channels = check_int("in_channels", in_channels, low=1)
+        self.dropout = check_float("dropout", dropout, 0.0, 1.0, high_inclusive=False)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        if 0 <= self.ignore_index < self.num_classes:
+            raise ValueError(
+                f"Expected argument `ignore_index` to be outside the labels [0, {self.num_classes}), but got"
+                f" {ignore_index}."
+            )
+        ins = [self.in_channels, *widths[:-2]]
+        self.encoders = nn.ModuleList(_conv_block(c_in, c) for c_in, c in zip(ins, widths[:-1]))
+        self.bottleneck = nn.Sequential(_conv_block(widths[-2], widths[-1]), nn.Dropout2d(dropout))
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(c_deep, c, 2, stride=2) for c_deep, c in zip(widths[:0:-1], widths[-2::-1])
+        )
+        self.decoders = nn.ModuleList(_conv_block(2 * c, c) for c in widths[-2::-1])
+        self.head = nn.Conv2d(widths[0], self.num_classes, 1)
+        # Dense metrics in place of ClassifierModule's per-sample ones.
+        ignore = self.ignore_index
+        self.val_acc = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=ignore)
+        self.test_acc = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=ignore)
+        self.val_iou = MulticlassJaccardIndex(self.num_classes, average="macro", ignore_index=ignore)
+        self.test_iou = MulticlassJaccardIndex(self.num_classes, average="macro", ignore_index=ignore)
+        self.test_ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1", ignore_index=ignore)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
+            x = up(x)
+            if x.shape[-2:] != skip.shape[-2:]:  # odd sizes: match the skip's size
+                x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = dec(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+    def _eval_step(self, batch: Any, stage: str) -> Tensor:
+        x, y, _ = unpack_batch(batch)
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=self.ignore_index)
+        bs = len(y)
+        if stage == "val":
+            self.val_iou(logits, y)
+            self.val_acc(logits, y)
+            self.log("val/mIoU", self.val_iou, prog_bar=True, batch_size=bs)
+            self.log("val/pixel_acc", self.val_acc, batch_size=bs)
+        else:
+            self.test_iou(logits, y)
+            self.test_acc(logits, y)
+            self.test_ece(logits.float().softmax(1), y)
+            self.log("test/mIoU", self.test_iou, batch_size=bs)
+            self.log("test/pixel_acc", self.test_acc, batch_size=bs)
+            self.log("test/ece", self.test_ece, batch_size=bs)
+        self.log(f"{stage}/loss", loss, batch_size=bs)
+        return loss
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, _, _ = unpack_batch(batch) if isinstance(batch, (list, tuple, dict)) else (batch, None, None)
+        return self(x).softmax(1)

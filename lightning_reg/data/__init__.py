@@ -3,6 +3,7 @@
 from lightning_reg.data.indexed import IndexedDataset
 from lightning_reg.data.loader import EpochSeededSampler, ResumableDataLoader
 from lightning_reg.data.noise import FASHION_MNIST_ASYMMETRIC_MAP, NoisyLabels, inject_label_noise
+from lightning_reg.data.segmentation import FashionMNISTScenes, SegmentationDataModule
 from lightning_reg.data.semi_supervised import (
     IGNORE_INDEX,
     SemiSupervisedDataModule,
@@ -14,9 +15,11 @@ __all__ = [
     "FASHION_MNIST_ASYMMETRIC_MAP",
     "IGNORE_INDEX",
     "EpochSeededSampler",
+    "FashionMNISTScenes",
     "IndexedDataset",
     "NoisyLabels",
     "ResumableDataLoader",
+    "SegmentationDataModule",
     "SemiSupervisedDataModule",
     "SyntheticSemiSupervisedDataModule",
     "inject_label_noise",
