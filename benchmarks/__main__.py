@@ -129,12 +129,13 @@ def merge_results(results: list[dict[str, Any]], suite: str, path: Path) -> None
 
 
 def sync_readme(results: list[dict[str, Any]], readme: Path, claims: bool = True) -> list[str]:
-    """Copy the results into the README's marked blocks, so every number there comes from this run.
+    """Copy the results into a Markdown page's marked blocks, so every number there comes from this run.
 
     ``<!-- results:claims:start -->`` ... ``<!-- results:claims:end -->`` receives the claims table, and
     ``<!-- results:NAME:start -->`` ... ``<!-- results:NAME:end -->`` the markdown of benchmark ``NAME``.
     Blocks of benchmarks that did not run are left alone, and so is the claims table when ``claims`` is false
-    (a partial run). Returns the names of the blocks updated.
+    (a partial run). Plots are linked relative to the page (``readme`` may be any page, e.g. under ``docs/``).
+    Returns the names of the blocks updated.
     """
     if not readme.is_file():
         return []
@@ -142,7 +143,8 @@ def sync_readme(results: list[dict[str, Any]], readme: Path, claims: bool = True
     blocks = {"claims": _claims_table(results) if claims and any(r.get("claims") for r in results) else None}
     for r in results:
         plots = "".join(
-            f"\n\n![{Path(p).stem}](benchmarks/{Path(p).relative_to(HERE).as_posix()})" for p in r.get("plots", [])
+            f"\n\n![{Path(p).stem}]({Path(os.path.relpath(HERE / p, readme.resolve().parent)).as_posix()})"
+            for p in r.get("plots", [])
         )
         blocks[r["name"]] = r.get("markdown", "").strip() + plots
     updated = []
@@ -156,6 +158,20 @@ def sync_readme(results: list[dict[str, Any]], readme: Path, claims: bool = True
         updated.append(name)
     readme.write_text(text)
     return updated
+
+
+def sync_docs(results: list[dict[str, Any]], root: Path = HERE.parent, claims: bool = True) -> dict[str, list[str]]:
+    """Run :func:`sync_readme` on ``README.md`` and every page under ``docs/`` that has marked blocks.
+
+    The README keeps the claims table; the method cards and guides hold each benchmark's tables (the docs
+    site renders ``benchmarks/RESULTS.md`` itself by inclusion). Returns ``{page: blocks updated}``.
+    """
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    out = {}
+    for page in pages:
+        if "<!-- results:" in page.read_text() and (updated := sync_readme(results, page, claims=claims)):
+            out[page.relative_to(root).as_posix()] = updated
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         " earlier ones; the rest stays) instead of writing benchmarks/_runs/RESULTS.md",
     )
     run_p.add_argument(
+        "--sync-docs",
         "--sync-readme",
+        dest="sync_docs",
         action="store_true",
-        help="also copy the claims table and each benchmark's tables into README.md's marked blocks",
+        help="also copy the claims table and each benchmark's tables into the marked blocks of README.md and"
+        " the docs pages (docs/**/*.md)",
     )
     args = parser.parse_args(argv)
     if args.output is None:
@@ -227,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"merged {', '.join(names)} into {HERE / 'RESULTS.md'}")
     write_results(results, args.suite, seconds, args.output)
     console.print(f"wrote {args.output} in {seconds / 60:.1f} min")
-    if args.sync_readme:
-        updated = sync_readme(results, HERE.parent / "README.md", claims=not args.only)
-        console.print("updated README blocks: " + (", ".join(updated) or "none"))
+    if args.sync_docs:
+        synced = sync_docs(results, HERE.parent, claims=not args.only)
+        for page, blocks in synced.items():
+            console.print(f"updated {page}: " + ", ".join(blocks))
+        if not synced:
+            console.print("updated no README or docs block")
     return 0
 
 

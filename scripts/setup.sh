@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time, idempotent setup on a fresh machine: the CPU build of torch, the package with its dev
-# extras, and (where apt is available) Debian's Fashion-MNIST files for the offline main job.
+# and docs extras, and (where apt is available) Debian's Fashion-MNIST files for the offline main job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,8 +10,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 if ! "$PY" -c "import lightning_reg, pytest, ruff, mypy, nbclient, matplotlib, scipy" >/dev/null 2>&1 \
+   || ! "$PY" -c "import mkdocs, material, mkdocstrings_handlers.python, mkdocs_jupyter" >/dev/null 2>&1 \
    || ! command -v lightning-reg >/dev/null 2>&1; then
-  "$PY" -m pip install -q -e ".[dev]"
+  "$PY" -m pip install -q -e ".[dev,docs]"
 fi
 DATA=/usr/share/datasets/fashion-mnist
 if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
