@@ -34,11 +34,22 @@ def test_every_recipe_is_tested() -> None:
     assert len(CONFIGS) >= 10
 
 
+#: How each recipe datamodule takes a small training set for the smoke run (default: `train_subset`).
+SMALL_DATA_ARGS = {
+    "lightning_reg.data.SemiSupervisedDataModule": ["--data.init_args.num_unlabeled=300"],
+}
+
+
+def _small_data_args(config: Path) -> list[str]:
+    data = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
+    return SMALL_DATA_ARGS.get(data, ["--data.init_args.train_subset=300"])
+
+
 @needs_data
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_recipe_runs_fast_dev_run(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--data.init_args.train_subset=300"])
+    cli = cli_main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", *_small_data_args(config)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
     # Every callback of the recipe was built from its class_path.
