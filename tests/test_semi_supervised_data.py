@@ -130,9 +130,11 @@ def test_combined_batches_and_index_ranges(root: str) -> None:
         seen_u += i_u.tolist()
     assert len(seen_l) == 8 * steps and len(seen_u) == 24 * steps
     assert set(seen_u) == set(range(n_l, n_l + n_u)) and set(seen_l) == set(range(n_l))  # each part covered
-    # The per-sample table size Lightning-side helpers infer is the whole training table.
-    trainer = SimpleNamespace(train_dataloader=loader)
+    # The per-sample table size Lightning-side helpers infer is the whole training table (the datamodule says it).
+    trainer = SimpleNamespace(train_dataloader=loader, datamodule=dm)
     assert infer_num_samples(trainer, "test") == dm.num_train_samples  # type: ignore[arg-type]
+    # Without the datamodule the parts' datasets are summed: never smaller than the table needs.
+    assert infer_num_samples(SimpleNamespace(train_dataloader=loader), "test") >= dm.num_train_samples  # type: ignore[arg-type]
 
 
 def test_labelled_stream_reshuffles_every_pass(root: str) -> None:

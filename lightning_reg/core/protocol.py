@@ -540,8 +540,8 @@ def infer_num_samples(trainer: Trainer, who: str) -> int:
 
     A datamodule's ``num_train_samples`` (an int) wins. Otherwise the train dataloader's dataset gives
     it; with several train loaders (a ``{"labeled": ..., "unlabeled": ...}`` ``CombinedLoader`` or
-    mapping) it is the sum of their datasets' sizes: one index space covering every part (labeled
-    samples first), as :class:`~lightning_reg.data.SemiSupervisedDataModule` numbers them. Under DDP
+    mapping) it is the sum of their distinct datasets' sizes: one index space covering every part
+    (labeled samples first), as :class:`~lightning_reg.data.SemiSupervisedDataModule` numbers them. Under DDP
     the dataloader's dataset is the full training set, so every rank gets the same number.
 
     Raises:
@@ -560,10 +560,15 @@ def infer_num_samples(trainer: Trainer, who: str) -> int:
     else:
         iterables = getattr(loaders, "flattened", None) or ([loaders] if loaders is not None else [])
     sizes: list[int | None] = []
+    seen: set[int] = set()
     for loader in iterables:
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and id(dataset) in seen:  # parts drawn from one dataset: count it once
+            continue
+        seen.add(id(dataset))
         try:
-            sizes.append(len(loader.dataset))
-        except (AttributeError, TypeError):
+            sizes.append(len(dataset))  # type: ignore[arg-type]
+        except TypeError:
             sizes.append(None)
     if sizes and all(n is not None for n in sizes):
         return int(sum(sizes))  # type: ignore[arg-type]
