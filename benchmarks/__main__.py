@@ -22,7 +22,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 #: Benchmark modules in the order they run (each exposes ``run(suite) -> dict``).
-BENCHMARKS = ["ema", "clipping", "early_dropout", "pskd", "noisy_labels", "composition", "overhead"]
+BENCHMARKS = [
+    "ema",
+    "clipping",
+    "early_dropout",
+    "pskd",
+    "noisy_labels",
+    "composition",
+    "overhead",
+    "semi_supervised",
+    "dense",
+]
 
 
 def _versions() -> dict[str, str]:
