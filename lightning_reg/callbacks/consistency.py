@@ -13,7 +13,6 @@ without noisy labels), so each is its own callback; ADELE is both together.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,7 +23,14 @@ from lightning_reg.augment import Augmentation, AugmentationLike, WeakAugment, g
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
 from lightning_reg.core.table import PerSampleTable
-from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int, check_optional_int
+from lightning_reg.core.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+    load_true_labels,
+)
 from lightning_reg.functional.consistency import (
     adele_confidence,
     adele_multiscale_consistency,
@@ -671,13 +677,7 @@ class LabelCorrection(LossRegularizer):
                     " callbacks, or use `LabelCorrection(source='student')`."
                 )
         if self.true_labels_path is not None and self._true_labels is None:
-            path = Path(self.true_labels_path)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"`LabelCorrection(true_labels_path=...)` found no file at {str(path)!r}. Save the true labels"
-                    " with `torch.save(true_labels, path)`, or call `set_true_labels(tensor)` instead."
-                )
-            self.set_true_labels(torch.load(path, map_location="cpu", weights_only=True))
+            self.set_true_labels(load_true_labels(self.true_labels_path, "LabelCorrection"))
 
     def set_true_labels(self, true_labels: Tensor) -> None:
         """Give the true ``(N,)`` labels (indexed like the training set) to log the corrections' precision."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,7 +22,7 @@ from lightning_reg.augment import (
     get_augmentation,
 )
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, classes_last, find_teacher
-from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int
+from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int, load_true_labels
 from lightning_reg.functional.pseudo_label import (
     align_distribution,
     confidence_quality,
@@ -271,13 +270,7 @@ class PseudoLabel(LossRegularizer):
                     " use `PseudoLabel(teacher='self')`."
                 )
         if self.true_labels_path is not None and self._true_labels is None:
-            path = Path(self.true_labels_path)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"`PseudoLabel(true_labels_path=...)` found no file at {str(path)!r}. Save the true labels with"
-                    " `torch.save(true_labels, path)`, or call `set_true_labels(tensor)` instead."
-                )
-            self.set_true_labels(torch.load(path, map_location="cpu", weights_only=True))
+            self.set_true_labels(load_true_labels(self.true_labels_path, "PseudoLabel"))
         if self._true_labels is None:  # a datamodule that keeps hidden labels (SemiSupervisedDataModule)
             true = getattr(getattr(trainer, "datamodule", None), "true_labels", None)
             if isinstance(true, Tensor) and true.dim() >= 1 and not true.is_floating_point():

@@ -20,7 +20,15 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_optional_int", "resolve_named"]
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_optional_int",
+    "load_true_labels",
+    "resolve_named",
+]
 
 T = TypeVar("T")
 
@@ -148,3 +156,22 @@ def resolve_named(value: Any, base: type[T], registry: dict[str, type[T]], name:
     raise TypeError(
         f"Expected argument `{name}` to be a str or {article} `{base.__name__}`, but got {type(value).__name__}."
     )
+
+
+def load_true_labels(path: str, who: str) -> Any:
+    """Load a ``torch.save``-d tensor of true labels for diagnostics, or raise a clear error naming ``who``.
+
+    Raises:
+        FileNotFoundError: If there is no file at ``path``; the message says how to make one.
+    """
+    from pathlib import Path
+
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"`{who}(true_labels_path=...)` found no file at {str(file)!r}. Save the true labels with"
+            " `torch.save(true_labels, path)`, or call `set_true_labels(tensor)` instead."
+        )
+    return torch.load(file, map_location="cpu", weights_only=True)
