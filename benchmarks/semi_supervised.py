@@ -16,10 +16,15 @@
   model's own prediction on the clean image, sharpened with τ = 0.4 and masked at confidence 0.8, as the KL
   target of a RandAugment + Cutout view (weight 1, no ramp).
 
-Every arm has an :class:`~lightning_reg.EMATeacher` (it is Mean Teacher's teacher; the others only evaluate
-with it, as FixMatch does), so each reports the test accuracy of the live and of the EMA weights on all
-10,000 test images. Seeds are paired: a seed fixes the labeled subset, the unlabeled pool, the batch order
-and the initial weights, the same for every arm.
+Every arm sees the labeled batch through FixMatch's weak view (flip and shift, in the model's
+``on_after_batch_transfer``; the datamodule yields clean images). Every arm has an
+:class:`~lightning_reg.EMATeacher` (it is Mean Teacher's teacher; the others only evaluate with it, as
+FixMatch does), so each reports the test accuracy of the live and of the EMA weights on all 10,000 test
+images, and the live accuracy on the first 2,000 test images every ``curve_every`` steps (does the gain grow
+with the budget?). Seeds are paired: a seed fixes the labeled subset, the unlabeled pool, the batch order and
+the initial weights, the same for every arm. The runs share ``workers`` processes of one torch thread each.
+The claim (best semi-supervised arm ≥ 5 points above supervised only at 100 labels, mean over seeds) is judged
+on the live weights; the EMA's gap is quoted beside it.
 
 **Step overhead.** Our FixMatch step (the Lightning loop, the ``RegularizedModule`` pipeline, ``PseudoLabel``
 and ``EMATeacher``) against a hand-written FixMatch step in plain PyTorch on the *same* batch: the same model,
