@@ -32,6 +32,7 @@ BENCHMARKS = [
     "overhead",
     "semi_supervised",
     "dense",
+    "label_issues",
 ]
 
 
