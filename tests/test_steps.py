@@ -12,8 +12,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_reg.callbacks.clipping import GradientClipping
+from lightning_reg.callbacks.consistency import NoisyLabelConsistency
 from lightning_reg.callbacks.dropout import EarlyDropout
 from lightning_reg.callbacks.elr import ELR
+from lightning_reg.callbacks.pskd import PSKD
 from lightning_reg.core.steps import attach, optimizer_steps
 from tests.helpers import TinyNet, fit, make_loader
 
@@ -97,3 +99,28 @@ def test_resume_keeps_the_count_exactly(tmp_path: Path) -> None:
     resumed, _ = fit([*callbacks(), probe], TinyNet(dropout=0.5), ckpt_path=str(tmp_path / "step=3.ckpt"), max_steps=5)
     assert [r[:2] for r in probe.rows] == [(3, 2), (4, 3)]  # continues from the checkpoint's 2 real steps
     assert optimizer_steps(resumed) == optimizer_steps(full) == 4
+
+
+class ScheduleProbe(L.Callback):
+    """Records, at each batch start, the consistency weight and PS-KD's α_t."""
+
+    def __init__(self, cons: NoisyLabelConsistency, pskd: PSKD) -> None:
+        self.cons, self.pskd = cons, pskd
+        self.rows: list[tuple[int, float, float]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
+        self.rows.append((optimizer_steps(trainer), self.cons.current_weight(trainer), self.pskd.current_alpha(trainer)))
+
+
+def test_nonfinite_skip_does_not_advance_consistency_ramp_or_pskd_step_schedule() -> None:
+    cons = NoisyLabelConsistency(rampup="linear", rampup_epochs=1.0)
+    pskd = PSKD(schedule_unit="step", num_samples=64)
+    probe = ScheduleProbe(cons, pskd)
+    cbs = [InjectGrad({1}), GradientClipping(nonfinite="skip"), cons, pskd, probe]
+    trainer, _ = fit(cbs, TinyNet(), loader=make_loader(n=64, batch_size=16), max_steps=4)
+    weights, alphas = [r[1] for r in probe.rows], [r[2] for r in probe.rows]
+    assert [r[0] for r in probe.rows] == [0, 1, 1, 2]  # the step at global_step 1 was skipped
+    assert weights[2] == weights[1] and weights[3] > weights[2]
+    assert weights == [cons.weight * cons.rampup(s / 4, 1.0) for s in (0, 1, 1, 2)]  # 4 steps per epoch
+    assert alphas[2] == alphas[1] and alphas[3] > alphas[2]
+    assert trainer.global_step == 4

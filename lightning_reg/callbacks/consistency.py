@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_reg.augment import Augmentation, AugmentationLike, WeakAugment, get_augmentation
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
+from lightning_reg.core.steps import attach, optimizer_steps
 from lightning_reg.core.table import PerSampleTable
 from lightning_reg.core.validation import (
     check_bool,
@@ -167,7 +168,7 @@ class NoisyLabelConsistency(LossRegularizer):
     nothing changes.
 
     **The weight** :math:`w(t) = \text{weight}\cdot\text{rampup}(t, \text{rampup\_epochs})` with ``t`` the
-    fractional epoch (``global_step`` / optimizer steps per epoch); the default
+    fractional epoch (real optimizer steps / optimizer steps per epoch); the default
     is Mean Teacher's :math:`e^{-5(1 - t/T)^2}`.
 
     Cost per step: the views' rows in the step's forward (with gradients; the method's
@@ -273,6 +274,8 @@ class NoisyLabelConsistency(LossRegularizer):
         self.weight = check_float("weight", weight, 0.0)
         self.rampup = get_schedule(rampup, "rampup")
         self.rampup_epochs = check_float("rampup_epochs", rampup_epochs, 0.0)
+        self._steps_trainer: Trainer | None = None  # whose real optimizer steps drive the ramp
+        self._restored_steps: int | None = None
         self.on: Literal["all", "unlabeled"] = check_choice("on", on, ["all", "unlabeled"])
         self.quality_weight = check_bool("quality_weight", quality_weight)
         self.ignore_void = check_bool("ignore_void", ignore_void)
@@ -311,13 +314,21 @@ class NoisyLabelConsistency(LossRegularizer):
                     " or use `NoisyLabelConsistency(teacher='self')`."
                 )
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        attach(trainer, restored=self._restored_steps)  # the real optimizer steps (skipped steps not counted)
+        self._steps_trainer = trainer
+
     # -- schedule -------------------------------------------------------------------------------------------------
     def current_weight(self, trainer: Trainer) -> float:
-        """``w(t) = weight · rampup(t, rampup_epochs)`` at the trainer's fractional epoch (a Python float)."""
+        """``w(t) = weight · rampup(t, rampup_epochs)`` at the trainer's fractional epoch (a Python float).
+
+        ``t`` counts the optimizer steps that really ran (:func:`~lightning_reg.core.steps.optimizer_steps`):
+        a step skipped by AMP's ``GradScaler`` or ``GradientClipping(nonfinite="skip")`` does not advance it.
+        """
         nb = trainer.num_training_batches
         if isinstance(nb, (int, float)) and math.isfinite(nb) and nb > 0:
             steps_per_epoch = max(1, math.ceil(nb / max(1, int(trainer.accumulate_grad_batches))))
-            t = trainer.global_step / steps_per_epoch
+            t = optimizer_steps(trainer) / steps_per_epoch
         else:
             t = float(trainer.current_epoch)
         return self.weight * self.rampup(t, self.rampup_epochs)
@@ -505,11 +516,13 @@ class NoisyLabelConsistency(LossRegularizer):
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        # Everything is a pure function of the trainer's step: nothing to save but the version.
-        return {"version": self.version}
+        # The ramp is a pure function of the real optimizer steps: save their count for an exact resume.
+        steps = self._restored_steps if self._steps_trainer is None else optimizer_steps(self._steps_trainer)
+        return {"version": self.version, "optimizer_steps": steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_choice("version", state_dict.get("version"), [self.version])
+        self._restored_steps = state_dict.get("optimizer_steps")
 
 
 class LabelCorrection(LossRegularizer):

@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_reg.callbacks._per_element import per_element_table_error
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
+from lightning_reg.core.steps import attach, optimizer_steps
 from lightning_reg.core.table import PerSampleTable, train_batch_size
 from lightning_reg.core.validation import check_choice, check_float, check_optional_int
 from lightning_reg.functional.pskd import pskd_soft_targets, target_entropy
@@ -94,7 +95,7 @@ class PSKD(LossRegularizer):
             paper's ``t / T``) or any :mod:`~lightning_reg.core.schedules` name or instance,
             evaluated as ``schedule(t, T)``; its values must stay in ``[0, 1]``.
         schedule_unit: ``"epoch"`` (the paper: ``t = current_epoch + 1``,
-            ``T = max_epochs``) or ``"step"`` (``t = global_step + 1``,
+            ``T = max_epochs``) or ``"step"`` (``t`` = the optimizer steps that really ran + 1,
             ``T = trainer.estimated_stepping_batches``).
         teacher: ``"self"`` (the paper) or ``"ema"`` (store the EMA teacher's predictions; see above).
         num_samples: Training-set size; inferred from the train dataloader when ``None``.
@@ -146,6 +147,8 @@ class PSKD(LossRegularizer):
         self.alpha_T = check_float("alpha_T", alpha_T, 0.0, 1.0)
         self.schedule = get_schedule(schedule, "schedule")
         self.schedule_unit = check_choice("schedule_unit", schedule_unit, ["epoch", "step"])
+        self._steps_trainer: Trainer | None = None  # whose real optimizer steps drive `schedule_unit="step"`
+        self._restored_steps: int | None = None
         self.teacher = check_choice("teacher", teacher, ["self", "ema"])
         self.num_samples = check_optional_int("num_samples", num_samples, low=1)
         self.table_dtype = check_choice("table_dtype", table_dtype, ["float32", "bfloat16", "float16"])
@@ -192,6 +195,10 @@ class PSKD(LossRegularizer):
                     " `teacher_forward`. Add `EMATeacher(...)` to the callbacks, or use `PSKD(teacher='self')`."
                 )
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        attach(trainer, restored=self._restored_steps)  # the real optimizer steps (skipped steps not counted)
+        self._steps_trainer = trainer
+
     # -- schedule -------------------------------------------------------------
     def current_alpha(self, trainer: Trainer) -> float:
         """``α_t = α_T · schedule(t, T)`` for the trainer's current epoch (or step); a Python float."""
@@ -206,7 +213,7 @@ class PSKD(LossRegularizer):
                         " `max_epochs` on the Trainer."
                     )
                 self._total_steps = int(est)
-            t, total = trainer.global_step + 1, self._total_steps
+            t, total = optimizer_steps(trainer) + 1, self._total_steps
         alpha = self.alpha_T * self.schedule(t, total)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`PSKD` needs α_t in [0, 1], but its schedule gave {alpha!r} at t={t} of {total}.")
@@ -304,9 +311,11 @@ class PSKD(LossRegularizer):
 
     # -- state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "table": self.table.state_dict()}
+        steps = self._restored_steps if self._steps_trainer is None else optimizer_steps(self._steps_trainer)
+        return {"version": self.version, "table": self.table.state_dict(), "optimizer_steps": steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_choice("version", state_dict.get("version"), [self.version])
         self.table.load_state_dict(state_dict["table"])
+        self._restored_steps = state_dict.get("optimizer_steps")
         self._placed = False
