@@ -109,7 +109,9 @@ class ScheduleProbe(L.Callback):
         self.rows: list[tuple[int, float, float]] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
-        self.rows.append((optimizer_steps(trainer), self.cons.current_weight(trainer), self.pskd.current_alpha(trainer)))
+        self.rows.append(
+            (optimizer_steps(trainer), self.cons.current_weight(trainer), self.pskd.current_alpha(trainer))
+        )
 
 
 def test_nonfinite_skip_does_not_advance_consistency_ramp_or_pskd_step_schedule() -> None:
