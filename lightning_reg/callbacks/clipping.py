@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_reg.core.protocol import RegularizerCallback
+from lightning_reg.core.syncs import host_reads_are_free
 from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
 from lightning_reg.functional.clipping import (
     AllReduce,
@@ -734,13 +735,13 @@ class GradientClipping(RegularizerCallback):
             raise FloatingPointError(self._nonfinite_message(plan, grads, step))
         if skip_on_host and not deferred:  # the optimizer step will be skipped: leave the gradients alone
             skipped_on_host = out["skip_step"] = not bool(finite)  # one host read (a sync on accelerators)
-        elif not deferred and self.nonfinite == "skip" and device.type == "cpu" and not bool(finite):
+        elif not deferred and self.nonfinite == "skip" and host_reads_are_free(device) and not bool(finite):
             for ts in plan.buckets.split(grads):  # a host read is free on CPU: zero only on a bad step
                 torch._foreach_zero_(ts)
             skipped_on_host = True
         if not skipped_on_host:
             apply()
-        if not deferred and not skip_on_host and self.nonfinite == "skip" and device.type != "cpu":
+        if not deferred and not skip_on_host and self.nonfinite == "skip" and not host_reads_are_free(device):
             bad = ~finite  # NaN·0 is NaN, so zero with a masked fill rather than a multiply (no host sync)
             for g in grads:
                 g.masked_fill_(bad, 0.0)

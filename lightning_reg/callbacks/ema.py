@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_reg.core.protocol import RegularizerCallback
+from lightning_reg.core.syncs import host_reads_are_free
 from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int
 from lightning_reg.functional.ema import (
     EMA_WARMUPS,
@@ -578,7 +579,7 @@ class EMATeacher(RegularizerCallback):
                 return True
             sync_free = self._sync_free
             if sync_free is None:
-                sync_free = any(b.device.type != "cpu" for b in self._buckets)
+                sync_free = any(not host_reads_are_free(b.device) for b in self._buckets)
             if sync_free and self.nonfinite == "skip":
                 for bucket in self._buckets:
                     bucket.update_where(finite, weight)

@@ -72,6 +72,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from lightning_reg.core.syncs import host_reads_are_free
+
 if TYPE_CHECKING:
     pass
 
@@ -982,7 +984,7 @@ class RegularizedModule:
         """Whether this step validates its inputs (see ``check_inputs``): free on CPU, else sync-free steps."""
         assert ctx.logits is not None
         trainer = getattr(self, "_trainer", None)
-        if ctx.logits.device.type == "cpu" or trainer is None or not ctx.training:
+        if host_reads_are_free(ctx.logits.device) or trainer is None or not ctx.training:
             return True
         if not getattr(self, "_lreg_checked_once", False):
             self._lreg_checked_once = True

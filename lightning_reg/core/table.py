@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_reg.core.syncs import host_reads_are_free
 from lightning_reg.core.validation import check_choice, check_optional_int
 
 __all__ = ["PerSampleTable", "dedupe_last", "resolve_dtype", "train_batch_size"]
@@ -351,14 +352,14 @@ class PerSampleTable:
     def _check_index(self, index: Tensor) -> None:
         assert self.values is not None
         rows = self.values.shape[0]
-        if index.device.type != "cpu" and self._validated_on_accelerator:
+        if not host_reads_are_free(index.device) and self._validated_on_accelerator:
             return
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
             raise IndexError(
                 f"Expected sample indices in [0, {rows}), but got min {int(index.min())} and max"
                 f" {int(index.max())}. The index must be the sample's position in the training set."
             )
-        if index.device.type != "cpu":
+        if not host_reads_are_free(index.device):
             self._validated_on_accelerator = True
 
     def _decode(self, values: Tensor, cols: Tensor | None) -> Tensor:
