@@ -9,7 +9,12 @@ Three questions, answered from the same runs (same seeds, data, noise, model, op
 * **Recommended recipe.** Two candidate recipes, fixed before the paired seeds ran, are measured on the same
   paired seeds; the recommended one is the better of the two there (a selection among two on the same seeds:
   read its margin with that in mind). It must beat *every* single technique by at least one point, with the
-  paired difference larger than two standard errors.
+  paired difference larger than two standard errors. The candidates came from a pilot on seeds 0-2 (3,000
+  images, 15 epochs; deployed accuracy, mean of 3 seeds): ELR alone 81.3; ELR with EMA weights 81.2 (decay
+  0.99) and 80.9 (0.995); + label smoothing 0.1 81.4; + early dropout 81.2; + self-consistency 80.8 (threshold
+  0.8) and 80.9 (threshold 0, weight 0.5); EMA-teacher ELR (ELR+'s targets) 80.7, with Mixup α = 1 80.2;
+  + LabelCorrection 78.1; EMA teacher alone 78.3; CE 74.9. Nothing in the pilot beat ELR alone by a point, so
+  the two candidates are the best ELR compositions found, and the benchmark runs on fresh seeds (3-5).
 * **EMA vs live weights** (Polyak averaging; Mean Teacher, Tarvainen & Valpola 2017): the EMA
   weights evaluate at least as well as the live ones and are more stable from epoch to epoch.
 
@@ -59,8 +64,9 @@ from lightning_reg.models import MLPClassifier
 __all__ = ["ARMS", "RECIPES", "SINGLES", "SUITES", "run"]
 
 SUITES: dict[str, dict[str, Any]] = {
-    "quick": {"train_size": 1500, "epochs": 8, "seeds": [0, 1, 2]},
-    "full": {"train_size": 10000, "epochs": 30, "seeds": [0, 1, 2, 3, 4]},
+    # Seeds 0-2 were spent on the pilot that chose the recipe candidates (see the module docstring).
+    "quick": {"train_size": 3000, "epochs": 15, "seeds": [3, 4, 5]},
+    "full": {"train_size": 10000, "epochs": 30, "seeds": [3, 4, 5, 6, 7]},
 }
 OPT: dict[str, Any] = {"weight_decay": WEIGHT_DECAY, "lr_schedule": "cosine"}
 EMA_DECAY = 0.99  # ~100-step horizon: ~8 epochs of 12 steps here
@@ -113,6 +119,12 @@ def _consistency(teacher: str = "self", threshold: float = 0.8, weight: float = 
     )
 
 
+def _label_smoothing() -> Callback:
+    from lightning_reg import LabelSmoothing
+
+    return LabelSmoothing(0.1)
+
+
 def _mixup() -> Callback:
     from lightning_reg import Mixup
 
@@ -143,13 +155,13 @@ SHORT = {
 
 #: Recipe candidates, fixed before the paired seeds ran (see the module docstring).
 RECIPES: dict[str, tuple[Callable[[int], list[Callback]], str]] = {
-    "recipe: ELR+ (EMA-teacher ELR + Mixup)": (
-        lambda e: [_ema(), _elr("ema"), _mixup()],
-        "EMATeacher + ELR(teacher='ema') + Mixup(α=1)",
+    "recipe: ELR + EMA weights": (
+        lambda e: [_ema(), _elr()],
+        "EMATeacher (deploy the EMA weights) + ELR",
     ),
-    "recipe: EMA-teacher ELR + consistency thr 0": (
-        lambda e: [_ema(), _elr("ema"), _consistency("ema", threshold=0.0, weight=0.5)],
-        "EMATeacher + ELR(teacher='ema') + NoisyLabelConsistency(teacher='ema', threshold=0, weight 0.5)",
+    "recipe: ELR + EMA weights + label smoothing": (
+        lambda e: [_ema(), _elr(), _label_smoothing()],
+        "EMATeacher (deploy the EMA weights) + ELR + LabelSmoothing(0.1)",
     ),
 }
 

@@ -32,7 +32,7 @@ from benchmarks.common import fit, load_note, markdown_table, mean_std, suite_co
 
 TITLE = "Dense: noisy-mask segmentation (CE vs ADELE vs MIC-style consistency)"
 SUITES: dict[str, dict[str, Any]] = {
-    "quick": {"num_train": 600, "num_test": 300, "size": 32, "epochs": 5, "seeds": [0, 1, 2]},
+    "quick": {"num_train": 1000, "num_test": 300, "size": 32, "epochs": 12, "seeds": [0, 1, 2]},
     "full": {"num_train": 4000, "num_test": 1000, "size": 48, "epochs": 20, "seeds": [0, 1, 2, 3, 4]},
 }
 NOISE_RATE = 0.3
