@@ -34,6 +34,11 @@ BENCHMARKS = [
     "dense",
     "label_issues",
 ]
+#: Claims-table rows (by technique) that no benchmark makes any more; merging and ``sync-docs`` drop them.
+RETIRED_CLAIMS = {
+    # composition.py: the "all six" row became the recommended-recipe row (issue 16).
+    "all six composed (sym. 40 %)",
+}
 
 
 def _versions() -> dict[str, str]:
@@ -120,8 +125,9 @@ def merge_results(results: list[dict[str, Any]], suite: str, path: Path) -> None
         cells = [c.strip() for c in row.strip("|").split("|")]
         return (cells[0], cells[1]) if len(cells) > 1 else (row, "")
 
-    replaced = {key(r) for r in new_claims}
-    rows = [r for r in old_rows if key(r) not in replaced] + new_claims
+    # A benchmark's new claims replace all of its earlier rows (matched by technique), and retired rows go.
+    replaced = {key(r)[0] for r in new_claims} | RETIRED_CLAIMS
+    rows = [r for r in old_rows if key(r)[0] not in replaced] + new_claims
     sections: dict[str, str] = {}
     for chunk in ("## " + sections_text).split("\n## ") if sections_text else []:
         title, _, rest = chunk.removeprefix("## ").partition("\n")
@@ -150,25 +156,16 @@ def sync_readme(results: list[dict[str, Any]], readme: Path, claims: bool = True
     """
     if not readme.is_file():
         return []
-    text = readme.read_text()
-    blocks = {"claims": _claims_table(results) if claims and any(r.get("claims") for r in results) else None}
+    blocks: dict[str, str | None] = {
+        "claims": _claims_table(results) if claims and any(r.get("claims") for r in results) else None
+    }
     for r in results:
         plots = "".join(
             f"\n\n![{Path(p).stem}]({Path(os.path.relpath(HERE / p, readme.resolve().parent)).as_posix()})"
             for p in r.get("plots", [])
         )
         blocks[r["name"]] = r.get("markdown", "").strip() + plots
-    updated = []
-    for name, body in blocks.items():
-        start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
-        if body is None or start not in text or end not in text:
-            continue
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{start}\n{body}\n{end}{tail}"
-        updated.append(name)
-    readme.write_text(text)
-    return updated
+    return _fill_blocks(readme, blocks)
 
 
 def sync_docs(results: list[dict[str, Any]], root: Path = HERE.parent, claims: bool = True) -> dict[str, list[str]]:
@@ -183,6 +180,61 @@ def sync_docs(results: list[dict[str, Any]], root: Path = HERE.parent, claims: b
         if "<!-- results:" in page.read_text() and (updated := sync_readme(results, page, claims=claims)):
             out[page.relative_to(root).as_posix()] = updated
     return out
+
+
+def results_from_file(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Read back a RESULTS.md: the claims table (retired rows dropped) and each section as a result.
+
+    Each section's benchmark name comes from its ``Command:`` line (``--only NAME``); its markdown is the text
+    after that line (plot links relative to ``benchmarks/``, as RESULTS.md has them).
+    """
+    text = path.read_text()
+    _, _, body = text.partition("\n## Paper claims vs what we measure\n")
+    claims_block, _, sections_text = body.lstrip("\n").partition("\n## ")
+    lines = claims_block.strip().splitlines()
+    kept = [ln for ln in lines[2:] if ln.strip("|").split("|")[0].strip() not in RETIRED_CLAIMS]
+    claims = "\n".join([*lines[:2], *kept])
+    results = []
+    for chunk in ("## " + sections_text).split("\n## ") if sections_text else []:
+        title, _, rest = chunk.removeprefix("## ").partition("\n")
+        command, _, markdown = rest.lstrip("\n").partition("\n")
+        if "--only " not in command:
+            continue
+        name = command.split("--only ", 1)[1].split("`")[0].split()[0]
+        results.append({"name": name, "title": title, "markdown": markdown.strip()})
+    return claims, results
+
+
+def sync_docs_from_file(path: Path, root: Path = HERE.parent) -> dict[str, list[str]]:
+    """Fill every marked block of the README and the docs from ``path`` (RESULTS.md), without running anything."""
+    claims, results = results_from_file(path)
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    out = {}
+    for page in pages:
+        if "<!-- results:" not in page.read_text():
+            continue
+        rel = Path(os.path.relpath(HERE / "plots", page.resolve().parent)).as_posix()
+        blocks: dict[str, str | None] = {"claims": claims}
+        blocks.update({r["name"]: r["markdown"].replace("](plots/", f"]({rel}/") for r in results})
+        if updated := _fill_blocks(page, blocks):
+            out[page.relative_to(root).as_posix()] = updated
+    return out
+
+
+def _fill_blocks(page: Path, blocks: dict[str, str | None]) -> list[str]:
+    """Replace each ``<!-- results:NAME:start/end -->`` block of ``page`` whose body is given; returns the names."""
+    text = page.read_text()
+    updated = []
+    for name, body in blocks.items():
+        start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+        if body is None or start not in text or end not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+        updated.append(name)
+    page.write_text(text)
+    return updated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also copy the claims table and each benchmark's tables into the marked blocks of README.md and"
         " the docs pages (docs/**/*.md)",
     )
+    sync_p = sub.add_parser(
+        "sync-docs",
+        help="copy benchmarks/RESULTS.md (claims and every section) into the marked blocks of README.md and docs/",
+    )
+    sync_p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="the results file to copy from")
+    sync_p.add_argument("--root", type=Path, default=HERE.parent, help="the repository whose pages to fill")
     args = parser.parse_args(argv)
+    if args.command == "sync-docs":
+        for page, blocks in sync_docs_from_file(args.results, args.root).items():
+            print(f"updated {page}: " + ", ".join(blocks))
+        return 0
     if args.output is None:
         args.output = HERE / "_runs" / "RESULTS.md" if args.only else HERE / "RESULTS.md"
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -114,3 +114,64 @@ def test_merge_replaces_a_section_and_its_claims_and_keeps_the_rest(tmp_path: Pa
     assert "| O | k | 1 | yes |" in text and "kept" in text  # earlier measurements stay
     assert "| T | c | second | yes |" in text and "first" not in text  # the re-run replaces its claim and section
     assert text.count("## New") == 1 and text.count("## Old") == 1
+
+
+def test_merge_drops_a_benchmarks_earlier_claims_when_their_text_changes(tmp_path: Path) -> None:
+    from benchmarks.__main__ import RETIRED_CLAIMS, merge_results, write_results
+
+    path = tmp_path / "RESULTS.md"
+    retired = next(iter(RETIRED_CLAIMS))
+    old = {
+        "name": "n",
+        "title": "New",
+        "command": "cmd",
+        "markdown": "old",
+        "claims": [
+            {"technique": "T", "claim": "target 5 %", "measured": "1", "verdict": "yes"},
+            {"technique": retired, "claim": "r", "measured": "2", "verdict": "no"},
+        ],
+    }
+    write_results([old], "quick", 1.0, path)
+    claim = {"technique": "T", "claim": "target 2 %", "measured": "3", "verdict": "no"}
+    new = dict(old, markdown="new", claims=[claim])
+    merge_results([new], "quick", path)
+    text = path.read_text()
+    assert "| T | target 2 % | 3 | no |" in text
+    assert "target 5 %" not in text and retired not in text
+
+
+def test_sync_docs_from_the_results_file(tmp_path: Path) -> None:
+    from benchmarks.__main__ import HERE, RETIRED_CLAIMS, main, write_results
+
+    results = [
+        {
+            "name": "dense",
+            "title": "Dense",
+            "command": "python -m benchmarks run --suite quick --only dense",
+            "markdown": "| a |\n|---|\n| 1 |\n\n![dense](plots/dense.png)",
+            "claims": [
+                {"technique": "ADELE", "claim": "c", "measured": "m", "verdict": "yes"},
+                {"technique": next(iter(RETIRED_CLAIMS)), "claim": "r", "measured": "m", "verdict": "no"},
+            ],
+        }
+    ]
+    path = tmp_path / "RESULTS.md"
+    write_results(results, "quick", 1.0, path)
+    root = tmp_path / "repo"
+    (root / "docs" / "guides").mkdir(parents=True)
+    (root / "README.md").write_text("# R\n<!-- results:claims:start -->\nold\n<!-- results:claims:end -->\ntail\n")
+    page = root / "docs" / "guides" / "seg.md"
+    page.write_text("x\n<!-- results:dense:start -->\n<!-- results:dense:end -->\ny\n")
+    from benchmarks.__main__ import sync_docs_from_file
+
+    assert sync_docs_from_file(path, root) == {"README.md": ["claims"], "docs/guides/seg.md": ["dense"]}
+    readme = (root / "README.md").read_text()
+    assert "| ADELE | c | m | yes |" in readme and "\nold\n" not in readme and "tail" in readme
+    assert next(iter(RETIRED_CLAIMS)) not in readme
+    body = page.read_text()
+    assert "| 1 |" in body and body.startswith("x\n") and body.endswith("y\n")
+    assert "plots/dense.png" in body and "](plots/" not in body  # the plot link is relative to the page
+    assert (page.parent / body.split("![dense](")[1].split(")")[0]).resolve() == (HERE / "plots" / "dense.png")
+    page.write_text("x\n<!-- results:dense:start -->\n<!-- results:dense:end -->\ny\n")
+    assert main(["sync-docs", "--results", str(path), "--root", str(root)]) == 0  # the command does the same
+    assert "| 1 |" in page.read_text()
