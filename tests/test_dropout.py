@@ -427,3 +427,20 @@ def test_compiled_submodule_warns_and_keeps_rates_exact() -> None:
     assert any("torch.compile" in str(w.message) and "recompile" in str(w.message) for w in caught)
     np.testing.assert_allclose([r for _, r in rec.trace], drop_schedule(0.3, 12, 10, "early", "linear"), atol=1e-15)
     assert model.net._orig_mod[3].p == 0.1
+
+
+def test_logs_the_rate_only_on_logging_steps_and_the_last_batch() -> None:
+    """Issue 16: per-step scalars reach `self.log` only when Lightning hands them to the logger."""
+    logged: list[int] = []
+
+    class Spy(TinyNet):
+        def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if name.endswith("/rate"):
+                logged.append(self.trainer.global_step)
+            super().log(name, value, *args, **kwargs)
+
+    dropout = EarlyDropout(p=0.5, schedule="linear", cutoff_steps=8)
+    loader = make_loader(n=64, batch_size=4)
+    trainer, _ = fit([dropout], Spy(dropout=0.5), loader=loader, max_epochs=1, log_every_n_steps=5)
+    assert logged == [4, 9, 14, 15]  # before steps 5, 10, 15 (logging steps) and the epoch's last batch
+    assert trainer.callback_metrics[f"{dropout.name}/rate"].item() == dropout.rate_at(15)

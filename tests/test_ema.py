@@ -628,3 +628,21 @@ def test_overlap_on_a_side_stream_matches_the_default_stream() -> None:
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
     torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+
+
+def test_logs_only_on_logging_steps_and_the_last_batch() -> None:
+    """Issue 16: per-step scalars reach `self.log` only when Lightning hands them to the logger."""
+    logged: list[tuple[int, str]] = []
+
+    class Spy(TinyNet):
+        def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if name.startswith("ema/"):
+                logged.append((self.trainer.global_step, name))
+            super().log(name, value, *args, **kwargs)
+
+    ema = EMATeacher(decay=0.9)
+    trainer, _ = fit([ema], Spy(), loader=make_loader(n=64, batch_size=4), max_epochs=1, log_every_n_steps=5)
+    steps = sorted({s for s, _ in logged})
+    assert steps == [5, 10, 15, 16]  # logging steps 5, 10, 15 and the epoch's last batch (global_step after the step)
+    assert {n for s, n in logged if s == 16} == {"ema/decay", "ema/updates", "ema/skipped_nonfinite"}
+    assert trainer.callback_metrics["ema/updates"].item() == ema.num_updates == 16  # the final value is exact

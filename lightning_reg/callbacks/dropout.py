@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_reg.core.protocol import RegularizerCallback
+from lightning_reg.core.protocol import RegularizerCallback, _is_log_flush_step
 from lightning_reg.core.schedules import Constant, Schedule, ScheduleLike
 from lightning_reg.core.steps import attach, optimizer_steps
 from lightning_reg.core.validation import check_choice, check_float, check_int
@@ -298,6 +298,8 @@ class DropoutSchedule(RegularizerCallback):
         if rate != self._applied:
             set_drop_rates_(self._found or [], rate)
             self._applied = rate
+        if not _is_log_flush_step(trainer, batch_idx):  # per-step values: only the steps Lightning hands on
+            return
         kinds = {t.kind for t in self._found or []}
         if "dropout" in kinds:
             pl_module.log(f"{self.name}/rate", rate, on_step=True, on_epoch=False, batch_size=1)

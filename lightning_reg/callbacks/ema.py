@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_reg.core.protocol import RegularizerCallback
+from lightning_reg.core.protocol import RegularizerCallback, _is_log_flush_step
 from lightning_reg.core.syncs import host_reads_are_free
 from lightning_reg.core.validation import check_bool, check_choice, check_float, check_int
 from lightning_reg.functional.ema import (
@@ -554,9 +554,12 @@ class EMATeacher(RegularizerCallback):
         n = self._num_updates + 1
         a = ema_decay(n, self.decay, self.warmup, self.inv_gamma, self.power)
         applied = self._apply(a)
-        device = pl_module.device
         if applied is not False:
             self._num_updates, self._last_decay = n, a
+        if not _is_log_flush_step(trainer, batch_idx):  # per-step values: only the steps Lightning hands on
+            return
+        device = pl_module.device
+        if applied is not False:
             # torch.full launches a fill kernel: unlike logging a Python float, it never synchronises with the host.
             pl_module.log("ema/decay", torch.full((), a, device=device), on_step=True, on_epoch=False, batch_size=1)
             pl_module.log(
