@@ -216,13 +216,36 @@ def sync_docs_from_file(path: Path, root: Path = HERE.parent) -> dict[str, list[
         rel = Path(os.path.relpath(HERE / "plots", page.resolve().parent)).as_posix()
         blocks: dict[str, str | None] = {"claims": claims}
         blocks.update({r["name"]: r["markdown"].replace("](plots/", f"]({rel}/") for r in results})
+        for r in results:  # `NAME#K`: the K-th table of benchmark NAME alone (a compact block, e.g. in the README)
+            for k, table in enumerate(_tables(r["markdown"]), start=1):
+                blocks[f"{r['name']}#{k}"] = table
         if updated := _fill_blocks(page, blocks):
             out[page.relative_to(root).as_posix()] = updated
     return out
 
 
+def _tables(markdown: str) -> list[str]:
+    """The Markdown tables of ``markdown`` (runs of lines starting with ``|``), in order.
+
+    >>> _tables("a\n| x |\n|---|\n| 1 |\nb\n| y |\n|---|")
+    ['| x |\n|---|\n| 1 |', '| y |\n|---|']
+    """
+    tables, current = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    return tables
+
+
 def _fill_blocks(page: Path, blocks: dict[str, str | None]) -> list[str]:
-    """Replace each ``<!-- results:NAME:start/end -->`` block of ``page`` whose body is given; returns the names."""
+    """Replace each ``<!-- results:NAME:start/end -->`` block of ``page`` whose body is given; returns the names.
+
+    ``NAME`` is a benchmark (its whole section), ``claims`` (the claims table) or ``NAME#K`` (the K-th table of
+    the benchmark's section alone).
+    """
     text = page.read_text()
     updated = []
     for name, body in blocks.items():

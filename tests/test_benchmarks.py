@@ -172,6 +172,10 @@ def test_sync_docs_from_the_results_file(tmp_path: Path) -> None:
     assert "| 1 |" in body and body.startswith("x\n") and body.endswith("y\n")
     assert "plots/dense.png" in body and "](plots/" not in body  # the plot link is relative to the page
     assert (page.parent / body.split("![dense](")[1].split(")")[0]).resolve() == (HERE / "plots" / "dense.png")
+    page.write_text("x\n<!-- results:dense#1:start -->\n<!-- results:dense#1:end -->\ny\n")
+    sync_docs_from_file(path, root)
+    table = "| a |\n|---|\n| 1 |"
+    assert page.read_text() == f"x\n<!-- results:dense#1:start -->\n{table}\n<!-- results:dense#1:end -->\ny\n"
     page.write_text("x\n<!-- results:dense:start -->\n<!-- results:dense:end -->\ny\n")
     assert main(["sync-docs", "--results", str(path), "--root", str(root)]) == 0  # the command does the same
     assert "| 1 |" in page.read_text()

@@ -120,12 +120,14 @@ def test_measured_blocks_in_the_docs_are_filled_and_name_a_benchmark() -> None:
     found = set()
     for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
         text = page.read_text()
-        for name in re.findall(r"<!-- results:(\w+):start -->", text):
+        for name in re.findall(r"<!-- results:([\w#]+):start -->", text):
             found.add(name)
-            assert name == "claims" or name in BENCHMARKS, f"{page.name}: unknown benchmark block {name!r}"
+            bench = name.split("#", 1)[0]  # NAME#K: the K-th table of benchmark NAME
+            assert bench == "claims" or bench in BENCHMARKS, f"{page.name}: unknown benchmark block {name!r}"
             body = text.split(f"<!-- results:{name}:start -->", 1)[1].split(f"<!-- results:{name}:end -->", 1)[0]
             assert body.strip(), f"{page.name}: block {name!r} is empty; run `python -m benchmarks run --sync-docs`"
     assert {"claims", "ema", "clipping", "early_dropout", "pskd", "noisy_labels", "composition", "overhead"} <= found
+    assert {"dense", "semi_supervised", "label_issues", "composition#1"} <= found
 
 
 def test_sync_docs_fills_docs_pages_with_plots_relative_to_each_page(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def test_readme_says_how_to_run_the_tests_and_serve_the_docs() -> None:
 
 def test_readme_has_no_unfilled_placeholders() -> None:
     assert "PLACEHOLDER" not in README
-    for name in re.findall(r"<!-- results:(\w+):start -->", README):
+    for name in re.findall(r"<!-- results:([\w#]+):start -->", README):
         body = README.split(f"<!-- results:{name}:start -->", 1)[1].split(f"<!-- results:{name}:end -->", 1)[0]
         assert body.strip(), f"README block `{name}` is empty: run `python -m benchmarks run --sync-docs`"
 
