@@ -93,8 +93,9 @@ class PseudoLabel(LossRegularizer):
 
     * ``teacher="self"`` (FixMatch): the model itself. With ``weak_augmentation=None`` the weak view is the
       batch's own input (let the datamodule yield weakly augmented unlabeled samples): :math:`q` is read from
-      the step's logits, detached, with **no extra forward**. Otherwise one no-grad forward of the weak
-      view of the selected rows.
+      the step's logits, detached, with **no extra forward**. Otherwise, on a semi-supervised batch with
+      ``on="unlabeled"``, the weak view replaces the unlabeled rows of the step's own forward (no extra
+      forward either); in the remaining cases one no-grad forward of the weak view of the selected rows.
     * ``teacher="ema"`` (Mean-Teacher-style FixMatch, MIC): the trainer's :class:`~lightning_reg.EMATeacher`
       via :meth:`~lightning_reg.core.protocol.StepContext.teacher_probs`: one teacher forward per view and
       step, shared with every other consumer of the same view (``key="clean"`` for ``weak_augmentation=None``,
@@ -106,11 +107,14 @@ class PseudoLabel(LossRegularizer):
     ``da_length`` steps, all-reduced over DDP ranks, checkpointed); the mask :math:`\max_c q_c \ge \tau`; and the
     target: the arg-max, or with ``soft=True`` :math:`q^{1/T}` normalised.
 
-    **The student** sees the strong view :math:`\mathcal A(u)` of the selected rows in one extra forward
-    *with* gradients (FixMatch's inherent cost), run inside the training step: same autocast region, same
-    DDP forward. ``strong_augmentation=None`` reuses the step's own logits instead (Lee's Pseudo-Label: no
-    extra forward at all). Note that BatchNorm sees the strong batch on its own, where FixMatch concatenates
-    labeled, weak and strong inputs into one batch.
+    **The student** sees the strong view :math:`\mathcal A(u)` of the selected rows *with* gradients
+    (FixMatch's inherent cost). Through :meth:`add_views` the view joins the step's single forward, as in
+    FixMatch's reference code: ``forward(cat(x_l, weak(u), strong(u)))``, one autocast region, one DDP graph,
+    and BatchNorm sees the three parts as one batch (with ``teacher="self"``, a weak view and a
+    semi-supervised batch, the unlabeled rows of that forward *are* the weak view, so the pseudo-labels cost no
+    forward either). Only when an input-stage regularizer (mixup, CutMix) changed the batch does the strong view
+    run in a forward of its own. ``strong_augmentation=None`` reuses the step's own logits instead (Lee's
+    Pseudo-Label: no extra view at all).
 
     **Dense outputs** (segmentation ``(B, C, H, W)``, tokens ``(B, T, C)``): every element gets its own
     pseudo-label and the mean runs over the selected samples' elements. The views must keep every element in
