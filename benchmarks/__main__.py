@@ -225,7 +225,7 @@ def sync_docs_from_file(path: Path, root: Path = HERE.parent) -> dict[str, list[
 
 
 def _tables(markdown: str) -> list[str]:
-    """The Markdown tables of ``markdown`` (runs of lines starting with ``|``), in order.
+    r"""The Markdown tables of ``markdown`` (runs of lines starting with ``|``), in order.
 
     >>> _tables("a\n| x |\n|---|\n| 1 |\nb\n| y |\n|---|")
     ['| x |\n|---|\n| 1 |', '| y |\n|---|']
