@@ -406,9 +406,11 @@ def run(suite: str = "quick", device: str = "cpu") -> dict[str, Any]:
         f" as a share of the reference step. Targets: ≤ {EACH_TARGET:.0%} each, ≤ {COMPOSED_TARGET:.0%} for all six"
         " composed."
         " The consistency term's extra forward on the masked view (inherent to the method) is timed apart and left"
-        " out of both columns. Most of the bookkeeping is Lightning's `self.log`: one call costs"
-        f" {log_ms:.2f} ms here (median, `on_step` and `on_epoch`), and every technique logs its loss term,"
-        " schedule values and diagnostics on every step. " + load_note()
+        " out of both columns. One Lightning `self.log` call costs"
+        f" {log_ms:.2f} ms here (median, `on_step` and `on_epoch`), so the mixin and the callbacks call it only on"
+        " logging steps and at the epoch's end (values accumulate on the device in between; *extra `self.log`"
+        " calls / step* is the median over all steps); the rest of the bookkeeping is the techniques' own work"
+        " (table reads and writes, targets, schedules). " + load_note()
     )
     singles = [r for r in records if r["name"] != "all six"]
     worst = max(singles, key=lambda r: r["bookkeeping"])
