@@ -250,7 +250,8 @@ class BrokenNet(TinyNet):
         raise ValueError("a bug in the user's training_step")
 
 
-def test_crashes_inside_training_keep_their_traceback(tmp_path: Path) -> None:
+def test_crashes_inside_training_keep_their_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the CLI saves config.yaml in the working directory: keep it out of the repository
     cfg = _tiny_run()
     cfg["model"] = {"class_path": "tests.test_cli.BrokenNet"}
     with pytest.raises(ValueError, match="a bug in the user's training_step"):
