@@ -58,7 +58,7 @@ from lightning_reg.data.indexed import IndexedDataset
 from lightning_reg.data.loader import EpochSeededSampler, ResumableDataLoader
 from lightning_reg.data.noise import FASHION_MNIST_ASYMMETRIC_MAP, inject_label_noise
 
-__all__ = ["FashionMNISTDataModule", "NoisyDataModule", "SyntheticDataModule"]
+__all__ = ["FashionMNISTDataModule", "NoisyDataModule", "SplitLoaders", "SyntheticDataModule"]
 
 NoiseType = Literal["symmetric", "asymmetric", "pairflip"]
 ValLabels = Literal["clean", "given"]
@@ -70,7 +70,57 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 _RAW_CACHE: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
 
-class NoisyDataModule(L.LightningDataModule):
+class SplitLoaders:
+    """The loaders of a datamodule with ``train_dataset`` / ``val_dataset`` / ``test_dataset`` attributes.
+
+    Training: a :class:`~lightning_reg.data.loader.ResumableDataLoader` with an
+    :class:`~lightning_reg.data.loader.EpochSeededSampler` (exact mid-epoch resume); evaluation: plain
+    in-order loaders of ``eval_batch_size``; no validation set gives no validation loop; predict uses the
+    test set. The class reads ``batch_size``, ``eval_batch_size``, ``seed``, ``num_workers`` and
+    ``drop_last`` from the datamodule.
+    """
+
+    train_dataset: Any
+    val_dataset: Any
+    test_dataset: Any
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    num_workers: int
+    drop_last: bool
+
+    def _require(self, dataset: Any, what: str, stage: str) -> Any:
+        if dataset is None:
+            raise RuntimeError(f"The {what} set is not set up; call `setup({stage!r})` first.")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._require(self.train_dataset, "training", "fit")
+        return ResumableDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=EpochSeededSampler(ds, seed=self.seed),
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, ds: Any) -> DataLoader:
+        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> Any:
+        if self.val_dataset is None:
+            return []  # no validation set (e.g. no `val_split`): Lightning skips the loop
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require(self.test_dataset, "test", "test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class NoisyDataModule(SplitLoaders, L.LightningDataModule):
     """Shared logic of the built-in datamodules: subsets, validation split, label noise and loaders.
 
     Subclasses implement :meth:`load_split`, returning ``(images, labels)`` for
@@ -209,37 +259,6 @@ class NoisyDataModule(L.LightningDataModule):
         self.val_true_labels = true[val_sel].clone()
         val_y = self.val_true_labels if self.val_labels == "clean" else self.val_given_labels
         self.val_dataset = TensorDataset(xs[val_sel], val_y.clone()) if n_val > 0 else None
-
-    # -- loaders ---------------------------------------------------------------------------------
-    def _require(self, dataset: Any, what: str, stage: str) -> Any:
-        if dataset is None:
-            raise RuntimeError(f"The {what} set is not set up; call `setup({stage!r})` first.")
-        return dataset
-
-    def train_dataloader(self) -> DataLoader:
-        ds = self._require(self.train_dataset, "training", "fit")
-        return ResumableDataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(ds, seed=self.seed),
-            num_workers=self.num_workers,
-            drop_last=self.drop_last,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _eval_loader(self, ds: Any) -> DataLoader:
-        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> Any:
-        if self.val_dataset is None:
-            return []  # no validation without `val_split`; Lightning skips the loop
-        return self._eval_loader(self.val_dataset)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._require(self.test_dataset, "test", "test"))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
     # -- diagnostics -----------------------------------------------------------------------------
     @property

@@ -56,13 +56,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_reg.core.validation import check_bool, check_float, check_int
-from lightning_reg.data.datamodules import _RAW_CACHE, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from lightning_reg.data.datamodules import _RAW_CACHE, FASHION_MNIST_MEAN, FASHION_MNIST_STD, SplitLoaders
 from lightning_reg.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, resolve_fashion_mnist_root
 from lightning_reg.data.indexed import IndexedDataset
-from lightning_reg.data.loader import EpochSeededSampler, ResumableDataLoader
 
 __all__ = [
     "SCENE_CLASSES",
@@ -414,7 +413,7 @@ class FashionMNISTScenes(TensorDataset):
 
 
 # -- datamodule -----------------------------------------------------------------------------------------
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(SplitLoaders, L.LightningDataModule):
     """Noisy-mask semantic segmentation on :class:`FashionMNISTScenes`, offline.
 
     * **train**: ``num_train`` scenes of garments from the first 50,000
@@ -568,37 +567,6 @@ class SegmentationDataModule(L.LightningDataModule):
             self.test_dataset = self._scenes(
                 self.num_test, _load_garments("test", self.root, self.download), self.seed + 2, noisy=False
             )
-
-    # -- loaders ---------------------------------------------------------------------------------
-    def _require(self, dataset: Any, what: str, stage: str) -> Any:
-        if dataset is None:
-            raise RuntimeError(f"The {what} set is not set up; call `setup({stage!r})` first.")
-        return dataset
-
-    def train_dataloader(self) -> DataLoader:
-        ds = self._require(self.train_dataset, "training", "fit")
-        return ResumableDataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(ds, seed=self.seed),
-            num_workers=self.num_workers,
-            drop_last=self.drop_last,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _eval_loader(self, ds: Any) -> DataLoader:
-        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> Any:
-        if self.val_dataset is None:
-            return []  # Lightning skips the loop
-        return self._eval_loader(self.val_dataset)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._require(self.test_dataset, "test", "test"))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
     def describe(self) -> dict[str, Any]:
         """A summary for reports: sizes, classes and the measured pixel noise of the training masks."""
