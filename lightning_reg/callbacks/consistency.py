@@ -369,14 +369,6 @@ class NoisyLabelConsistency(LossRegularizer):
         self._checked_layouts.add(key)
 
     # -- rows and elements ----------------------------------------------------------------------------------------
-    def _rows(self, ctx: StepContext) -> tuple[slice, Tensor | None]:
-        """The rows the term uses (a static slice) and, for one loader with ``on="unlabeled"``, which of them count."""
-        if self.on == "all":
-            return slice(None), None
-        if ctx.num_labeled is not None:
-            return slice(ctx.num_labeled, None), None
-        return slice(None), ~ctx.labeled
-
     def _counted(self, ctx: StepContext, rows: slice, row_keep: Tensor | None) -> Tensor | None:
         """The ``(B_r, *d)`` elements of the rows that count (``None``: all of them)."""
         given = ctx.given_labels[rows]
@@ -399,7 +391,7 @@ class NoisyLabelConsistency(LossRegularizer):
     def add_views(self, ctx: StepContext) -> None:
         """Append the student's views of the batch's shape to the step's single forward (training steps only)."""
         self._check_views(ctx)
-        rows, _ = self._rows(ctx)
+        rows, _ = ctx.term_rows(self.on)
         plan = self._make_views(ctx, rows)
         keyed = []
         for i, (view, params, _) in enumerate(plan):
@@ -487,7 +479,7 @@ class NoisyLabelConsistency(LossRegularizer):
         w = self.current_weight(ctx.module.trainer)
         ctx.logs[f"{self.name}/weight"] = w
         self._check_views(ctx)
-        rows, row_keep = self._rows(ctx)
+        rows, row_keep = ctx.term_rows(self.on)
         if ctx.logits[rows].shape[0] == 0:  # a semi-supervised batch without unlabeled rows (a static shape)
             zero = torch.zeros((), device=ctx.logits.device)
             ctx.logs[f"{self.name}/mask_rate"] = zero

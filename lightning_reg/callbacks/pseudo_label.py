@@ -324,14 +324,6 @@ class PseudoLabel(LossRegularizer):
         self._checked_layouts.add(key)
 
     # -- the loss term --------------------------------------------------------------------------------------------
-    def _rows(self, ctx: StepContext) -> tuple[slice, Tensor | None]:
-        """The rows the term uses (a static slice) and, for one loader, which of them are unlabeled (on device)."""
-        if self.on == "all":
-            return slice(None), None
-        if ctx.num_labeled is not None:
-            return slice(ctx.num_labeled, None), None
-        return slice(None), ~ctx.labeled
-
     def _weak_key(self) -> str:
         aug = self.weak_augmentation
         return "weak" if aug == WeakAugment() else f"weak:{aug!r}"
@@ -359,7 +351,7 @@ class PseudoLabel(LossRegularizer):
         self._check_views(ctx)
         if not self._input_unchanged(ctx):  # an input-stage regularizer (mixup) changed the input: forward apart
             return
-        rows, _ = self._rows(ctx)
+        rows, _ = ctx.term_rows(self.on)
         clean = self._clean(ctx)
         if clean[rows].shape[0] == 0:
             return
@@ -407,7 +399,7 @@ class PseudoLabel(LossRegularizer):
             return None
         assert ctx.logits is not None
         self._check_views(ctx)
-        rows, row_valid = self._rows(ctx)
+        rows, row_valid = ctx.term_rows(self.on)
         labels = ctx.labels[rows]
         ctx.logs[f"{self.name}/weight"] = self.weight
         if labels.shape[0] == 0:  # a semi-supervised batch without unlabeled rows

@@ -385,6 +385,20 @@ class StepContext:
         valid = given != self.ignore_index
         return valid.reshape(valid.shape[0], -1).any(dim=1) if valid.dim() > 1 else valid
 
+    def term_rows(self, on: str) -> tuple[slice, Tensor | None]:
+        """The rows a term over ``on="all"`` or ``on="unlabeled"`` samples uses, without a host sync.
+
+        Returns:
+            A static row slice, and for the unlabeled rows of a single loader (``ignore_index`` labels) the
+            ``(B,)`` mask of those rows on the device (``None`` when the slice is exact): all rows; the rows
+            after :attr:`num_labeled` of a semi-supervised batch; or all rows with ``~labeled``.
+        """
+        if on == "all":
+            return slice(None), None
+        if self.num_labeled is not None:
+            return slice(self.num_labeled, None), None
+        return slice(None), ~self.labeled
+
     @property
     def has_unlabeled(self) -> bool:
         """Whether the batch may contain unlabeled samples (a semi-supervised batch, or any ignored label).
