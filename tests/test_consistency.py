@@ -38,6 +38,7 @@ from lightning_reg.functional.consistency import (
     fit_early_learning_curve,
     sharpen,
 )
+from tests.conformance.cases.consistency import naive_dense_term  # the formula in float64 Python
 from tests.helpers import (
     StepSeed,
     TinyNet,
@@ -339,28 +340,6 @@ def test_adele_consistency_matches_the_official_formula_and_gradients(dense: boo
 
 
 # -- the functional core on dense elements ----------------------------------------------------------------------
-def _naive_dense_term(z: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, counted: torch.Tensor, div: str) -> float:
-    """(1/|E|) Σ_{e ∈ E} w_e D(q_e || softmax(z_e)) over (B, C, H, W) written out in float64 Python."""
-    b, c, h, w = z.shape
-    total, n = 0.0, 0
-    for i in range(b):
-        for r in range(h):
-            for s in range(w):
-                if not bool(counted[i, r, s]):
-                    continue
-                zz = [float(z[i, k, r, s]) for k in range(c)]
-                e = [math.exp(v - max(zz)) for v in zz]
-                p = [v / sum(e) for v in e]
-                qq = [float(q[i, k, r, s]) for k in range(c)]
-                if div == "kl":
-                    d = sum(a * (math.log(a) - math.log(bb)) for a, bb in zip(qq, p) if a > 0)
-                else:
-                    d = sum((a - bb) ** 2 for a, bb in zip(qq, p)) / c
-                total += float(weight[i, r, s]) * d
-                n += 1
-    return total / max(n, 1)
-
-
 @pytest.mark.parametrize("div", ["kl", "mse"])
 def test_dense_consistency_loss_is_a_mean_over_counted_elements(div: str) -> None:
     g = torch.Generator().manual_seed(0)
@@ -373,7 +352,7 @@ def test_dense_consistency_loss_is_a_mean_over_counted_elements(div: str) -> Non
     got = consistency_loss(z, q, mask, div, dim=1, valid=counted)  # type: ignore[arg-type]
     torch.testing.assert_close(
         got.double(),
-        torch.tensor(_naive_dense_term(z.detach(), q, mask, counted, div), dtype=torch.float64),
+        torch.tensor(naive_dense_term(z.detach(), q, mask, counted, div), dtype=torch.float64),
         atol=1e-6,
         rtol=1e-6,
     )
@@ -998,7 +977,7 @@ def test_dense_target_term_by_hand_with_a_flip_undone_on_the_output(quality: boo
         weight = share.view(-1, 1, 1).expand(4, 8, 8)
     else:
         weight = confident.float()
-    expected = _naive_dense_term(z, q, weight, counted, "kl")
+    expected = naive_dense_term(z, q, weight, counted, "kl")
     torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
     # ignore_void=False: void pixels of labelled images take part too.
     cons_all = NoisyLabelConsistency(
@@ -1009,7 +988,7 @@ def test_dense_target_term_by_hand_with_a_flip_undone_on_the_output(quality: boo
     everything = torch.ones_like(counted)
     if quality:
         weight = confident.float().flatten(1).mean(1).view(-1, 1, 1).expand(4, 8, 8)
-    expected_all = _naive_dense_term(z, q, weight, everything, "kl")
+    expected_all = naive_dense_term(z, q, weight, everything, "kl")
     torch.testing.assert_close(loss_all.double(), torch.tensor(expected_all, dtype=torch.float64), atol=1e-6, rtol=1e-5)
 
 

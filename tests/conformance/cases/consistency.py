@@ -71,7 +71,7 @@ def _label_correction_math(dtype: torch.dtype) -> None:
     torch.testing.assert_close(early_learning_curve(x, one, one, one), 1 - torch.exp(-x))
 
 
-def _naive_term(
+def naive_dense_term(
     z: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, counted: torch.Tensor, divergence: str
 ) -> float:
     """(1/|E|) Σ_{e ∈ E} w_e D(q_e || softmax(z_e)) on (B, C, H, W), written from the formula in float64 Python."""
@@ -116,7 +116,7 @@ def _consistency_dense_math(dtype: torch.dtype) -> None:
     for divergence in ("kl", "mse"):
         mask = confidence_mask(q, 0.5, dim=1)
         got = consistency_loss(z, q, mask, divergence, dim=1, valid=counted)  # type: ignore[arg-type]
-        ref = _naive_term(z.detach(), q, confident.float(), counted, divergence)
+        ref = naive_dense_term(z.detach(), q, confident.float(), counted, divergence)
         torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32), **tol)  # type: ignore[arg-type]
     # MIC's quality weight: every pixel of image b weighs its share of confident counted pixels.
     share = confidence_quality(confident, counted)
@@ -125,7 +125,7 @@ def _consistency_dense_math(dtype: torch.dtype) -> None:
         assert abs(float(share[b]) - sum(kept) / len(kept)) < 1e-6
     weight = share.view(-1, 1, 1).expand(3, 3, 4)
     got = consistency_loss(z, q, weight, "kl", dim=1, valid=counted)
-    torch.testing.assert_close(got, torch.tensor(_naive_term(z.detach(), q, weight, counted, "kl")), **tol)  # type: ignore[arg-type]
+    torch.testing.assert_close(got, torch.tensor(naive_dense_term(z.detach(), q, weight, counted, "kl")), **tol)  # type: ignore[arg-type]
     # Void pixels of labelled images get no gradient; the (B, T, C) token layout gives the same term.
     (grad,) = torch.autograd.grad(got, z)
     assert torch.count_nonzero(grad.movedim(1, -1)[~counted]) == 0
