@@ -144,6 +144,18 @@ def fit(
     return trainer, time.perf_counter() - t0
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the headless Agg backend, or ``None`` without matplotlib (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # pragma: no cover - optional
+        return None
+    return plt
+
+
 def mean_std(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
     """``"m ± s"`` over seeds (sample std; ``± 0`` for one value)."""
     vals = [v * scale for v in values]

@@ -40,6 +40,7 @@ from benchmarks.common import (
     make_data,
     markdown_table,
     mean_std,
+    pyplot,
     rich_table,
     suite_config,
     torch_threads,
@@ -240,12 +241,8 @@ def run_arm(arm: Arm, setting: Setting, data: dict[str, Any], epochs: int, seed:
 
 
 def _plot(setting: Setting, results: dict[str, ArmResult]) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # pragma: no cover - optional
+    plt = pyplot()
+    if plt is None:
         return None
     PLOTS.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from benchmarks.common import fit, load_note, markdown_table, mean_std, suite_config, torch_threads
+from benchmarks.common import fit, load_note, markdown_table, mean_std, pyplot, suite_config, torch_threads
 from lightning_reg.augment import RandAugment, WeakAugment
 from lightning_reg.callbacks.consistency import NoisyLabelConsistency
 from lightning_reg.callbacks.ema import EMATeacher
@@ -459,12 +459,8 @@ HEADER = [
 
 
 def _plot(results: dict[int, dict[str, ArmResult]]) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # pragma: no cover - optional
+    plt = pyplot()
+    if plt is None:
         return None
     PLOTS.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.2))
