@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_reg.augment import Augmentation, AugmentationLike, WeakAugment, get_augmentation
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
-from lightning_reg.core.steps import attach, optimizer_steps
+from lightning_reg.core.steps import StepClock, optimizer_steps
 from lightning_reg.core.table import PerSampleTable
 from lightning_reg.core.validation import (
     check_bool,
@@ -274,8 +274,7 @@ class NoisyLabelConsistency(LossRegularizer):
         self.weight = check_float("weight", weight, 0.0)
         self.rampup = get_schedule(rampup, "rampup")
         self.rampup_epochs = check_float("rampup_epochs", rampup_epochs, 0.0)
-        self._steps_trainer: Trainer | None = None  # whose real optimizer steps drive the ramp
-        self._restored_steps: int | None = None
+        self._clock = StepClock()  # the real optimizer steps drive the ramp
         self.on: Literal["all", "unlabeled"] = check_choice("on", on, ["all", "unlabeled"])
         self.quality_weight = check_bool("quality_weight", quality_weight)
         self.ignore_void = check_bool("ignore_void", ignore_void)
@@ -315,8 +314,7 @@ class NoisyLabelConsistency(LossRegularizer):
                 )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        attach(trainer, restored=self._restored_steps)  # the real optimizer steps (skipped steps not counted)
-        self._steps_trainer = trainer
+        self._clock.start(trainer)  # the real optimizer steps (skipped steps not counted)
 
     # -- schedule -------------------------------------------------------------------------------------------------
     def current_weight(self, trainer: Trainer) -> float:
@@ -509,12 +507,11 @@ class NoisyLabelConsistency(LossRegularizer):
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # The ramp is a pure function of the real optimizer steps: save their count for an exact resume.
-        steps = self._restored_steps if self._steps_trainer is None else optimizer_steps(self._steps_trainer)
-        return {"version": self.version, "optimizer_steps": steps}
+        return {"version": self.version, "optimizer_steps": self._clock.state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_choice("version", state_dict.get("version"), [self.version])
-        self._restored_steps = state_dict.get("optimizer_steps")
+        self._clock.load(state_dict.get("optimizer_steps"))
 
 
 class LabelCorrection(LossRegularizer):

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_reg.core.protocol import RegularizerCallback, _is_log_flush_step
 from lightning_reg.core.schedules import Constant, Schedule, ScheduleLike
-from lightning_reg.core.steps import attach, optimizer_steps
+from lightning_reg.core.steps import StepClock, optimizer_steps
 from lightning_reg.core.validation import check_choice, check_float, check_int
 from lightning_reg.functional.dropout import (
     DEFAULT_RATE_ATTRIBUTES,
@@ -200,7 +200,7 @@ class DropoutSchedule(RegularizerCallback):
         self._total: int | None = None
         self._applied: float | None = None
         self._loaded: dict[str, Any] = {}
-        self._steps_trainer: Trainer | None = None  # the trainer whose real optimizer steps drive the schedule
+        self._clock = StepClock()  # the real optimizer steps drive the schedule
 
     # -- identity / state -----------------------------------------------------------------------------
     @property
@@ -217,11 +217,12 @@ class DropoutSchedule(RegularizerCallback):
             "cutoff_steps": -1 if self._cutoff is None else self._cutoff,
             "total_steps": -1 if self._total is None else self._total,
             # The real optimizer steps so far (AMP / non-finite skips excluded): the schedule's position.
-            "optimizer_steps": -1 if self._steps_trainer is None else optimizer_steps(self._steps_trainer),
+            "optimizer_steps": -1 if (steps := self._clock.state()) is None else steps,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
+        self._clock.load(state_dict.get("optimizer_steps"))
 
     # -- the schedule ---------------------------------------------------------------------------------
     @property
@@ -264,9 +265,7 @@ class DropoutSchedule(RegularizerCallback):
             self._accept(trainer, pl_module, self._discover(pl_module))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        restored = self._loaded.get("optimizer_steps", -1)
-        attach(trainer, restored=None if restored is None or restored < 0 else int(restored))
-        self._steps_trainer = trainer
+        self._clock.start(trainer)
         batches = trainer.num_training_batches
         total = trainer.estimated_stepping_batches
         self._total = int(total) if math.isfinite(total) else None

@@ -19,7 +19,7 @@ from lightning_reg.core.protocol import (
     regularizers_of,
 )
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
-from lightning_reg.core.steps import attach, optimizer_steps
+from lightning_reg.core.steps import StepClock, optimizer_steps
 from lightning_reg.core.table import PerSampleTable, train_batch_size
 from lightning_reg.core.validation import check_choice, check_float, check_int, check_optional_int
 from lightning_reg.functional.cutmix import paste_box
@@ -198,8 +198,7 @@ class ELR(LossRegularizer):
         self._global_rank = 0
         self._ready = False
         self._pad_to: int | None = None
-        self._steps_trainer: Trainer | None = None  # whose real optimizer steps drive `ramp_unit="step"`
-        self._restored_steps: int | None = None
+        self._clock = StepClock()  # the real optimizer steps drive `ramp_unit="step"`
         self._compact = self.table_dtype != "float32" or self.topk is not None
 
     # -- setup ----------------------------------------------------------------
@@ -227,8 +226,7 @@ class ELR(LossRegularizer):
                 )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        attach(trainer, restored=self._restored_steps)  # the real optimizer steps (skipped steps not counted)
-        self._steps_trainer = trainer
+        self._clock.start(trainer)  # the real optimizer steps (skipped steps not counted)
         self._ramp_total = None
         if self.ramp_length is not None:
             self._ramp_total = float(self.ramp_length)
@@ -460,7 +458,7 @@ class ELR(LossRegularizer):
             "version": self.version,
             "targets": self.table.state_dict(),
             "meta": self.meta.state_dict(),
-            "optimizer_steps": None if self._steps_trainer is None else optimizer_steps(self._steps_trainer),
+            "optimizer_steps": self._clock.state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -470,5 +468,5 @@ class ELR(LossRegularizer):
             )
         self.table.load_state_dict(state_dict["targets"])
         self.meta.load_state_dict(state_dict["meta"])
-        self._restored_steps = state_dict.get("optimizer_steps")
+        self._clock.load(state_dict.get("optimizer_steps"))
         self._ready = False

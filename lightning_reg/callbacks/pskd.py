@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_reg.callbacks._per_element import per_element_table_error
 from lightning_reg.core.protocol import LossRegularizer, StepContext, TeacherProvider, find_teacher, infer_num_samples
 from lightning_reg.core.schedules import ScheduleLike, get_schedule
-from lightning_reg.core.steps import attach, optimizer_steps
+from lightning_reg.core.steps import StepClock, optimizer_steps
 from lightning_reg.core.table import PerSampleTable, train_batch_size
 from lightning_reg.core.validation import check_choice, check_float, check_optional_int
 from lightning_reg.functional.pskd import pskd_soft_targets, target_entropy
@@ -147,8 +147,7 @@ class PSKD(LossRegularizer):
         self.alpha_T = check_float("alpha_T", alpha_T, 0.0, 1.0)
         self.schedule = get_schedule(schedule, "schedule")
         self.schedule_unit = check_choice("schedule_unit", schedule_unit, ["epoch", "step"])
-        self._steps_trainer: Trainer | None = None  # whose real optimizer steps drive `schedule_unit="step"`
-        self._restored_steps: int | None = None
+        self._clock = StepClock()  # the real optimizer steps drive `schedule_unit="step"`
         self.teacher = check_choice("teacher", teacher, ["self", "ema"])
         self.num_samples = check_optional_int("num_samples", num_samples, low=1)
         self.table_dtype = check_choice("table_dtype", table_dtype, ["float32", "bfloat16", "float16"])
@@ -196,8 +195,7 @@ class PSKD(LossRegularizer):
                 )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        attach(trainer, restored=self._restored_steps)  # the real optimizer steps (skipped steps not counted)
-        self._steps_trainer = trainer
+        self._clock.start(trainer)  # the real optimizer steps (skipped steps not counted)
 
     # -- schedule -------------------------------------------------------------
     def current_alpha(self, trainer: Trainer) -> float:
@@ -311,11 +309,10 @@ class PSKD(LossRegularizer):
 
     # -- state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        steps = self._restored_steps if self._steps_trainer is None else optimizer_steps(self._steps_trainer)
-        return {"version": self.version, "table": self.table.state_dict(), "optimizer_steps": steps}
+        return {"version": self.version, "table": self.table.state_dict(), "optimizer_steps": self._clock.state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_choice("version", state_dict.get("version"), [self.version])
         self.table.load_state_dict(state_dict["table"])
-        self._restored_steps = state_dict.get("optimizer_steps")
+        self._clock.load(state_dict.get("optimizer_steps"))
         self._placed = False

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StepCounter", "attach", "optimizer_steps"]
+__all__ = ["StepClock", "StepCounter", "attach", "optimizer_steps"]
 
 _ATTR = "_lightning_reg_step_counter"
 
@@ -92,3 +92,42 @@ def optimizer_steps(trainer: Any) -> int:
     if counter is None:
         return int(getattr(trainer, "global_step", 0))
     return counter.value
+
+
+class StepClock:
+    """One consumer's handle on the shared count: attach at train start, save and restore with its own state.
+
+    Every schedule that follows :func:`optimizer_steps` (dropout schedules, ELR's and consistency's ramps,
+    PS-KD's step schedule) keeps one: :meth:`start` from ``on_train_start``, :meth:`state` into its
+    ``state_dict`` and :meth:`load` from its ``load_state_dict``.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> clock = StepClock()
+        >>> clock.load(5)  # from a checkpoint
+        >>> clock.state()  # before the fit starts: the restored count
+        5
+        >>> clock.start(SimpleNamespace(optimizers=[opt], global_step=7))
+        >>> opt.step()
+        >>> clock.state()
+        6
+    """
+
+    def __init__(self) -> None:
+        self._trainer: Any = None
+        self.restored: int | None = None
+
+    def start(self, trainer: Any) -> None:
+        """Attach the trainer's counter, continuing from the restored count if there is one."""
+        attach(trainer, restored=self.restored)
+        self._trainer = trainer
+
+    def state(self) -> int | None:
+        """The real optimizer steps of the started trainer; before :meth:`start`, the restored count (or ``None``)."""
+        return self.restored if self._trainer is None else optimizer_steps(self._trainer)
+
+    def load(self, value: Any) -> None:
+        """Take a saved count; ``None`` or a negative value (an older checkpoint's placeholder) means none."""
+        self.restored = None if value is None or int(value) < 0 else int(value)
