@@ -165,6 +165,7 @@ def sync_readme(results: list[dict[str, Any]], readme: Path, claims: bool = True
             for p in r.get("plots", [])
         )
         blocks[r["name"]] = r.get("markdown", "").strip() + plots
+    blocks.update(_table_blocks(results))
     return _fill_blocks(readme, blocks)
 
 
@@ -216,12 +217,17 @@ def sync_docs_from_file(path: Path, root: Path = HERE.parent) -> dict[str, list[
         rel = Path(os.path.relpath(HERE / "plots", page.resolve().parent)).as_posix()
         blocks: dict[str, str | None] = {"claims": claims}
         blocks.update({r["name"]: r["markdown"].replace("](plots/", f"]({rel}/") for r in results})
-        for r in results:  # `NAME#K`: the K-th table of benchmark NAME alone (a compact block, e.g. in the README)
-            for k, table in enumerate(_tables(r["markdown"]), start=1):
-                blocks[f"{r['name']}#{k}"] = table
+        blocks.update(_table_blocks(results))
         if updated := _fill_blocks(page, blocks):
             out[page.relative_to(root).as_posix()] = updated
     return out
+
+
+def _table_blocks(results: list[dict[str, Any]]) -> dict[str, str | None]:
+    """``NAME#K`` blocks: the K-th table of benchmark NAME alone (a compact block, e.g. the README's matrix)."""
+    return {
+        f"{r['name']}#{k}": table for r in results for k, table in enumerate(_tables(r.get("markdown", "")), start=1)
+    }
 
 
 def _tables(markdown: str) -> list[str]:

@@ -179,3 +179,13 @@ def test_sync_docs_from_the_results_file(tmp_path: Path) -> None:
     page.write_text("x\n<!-- results:dense:start -->\n<!-- results:dense:end -->\ny\n")
     assert main(["sync-docs", "--results", str(path), "--root", str(root)]) == 0  # the command does the same
     assert "| 1 |" in page.read_text()
+
+
+def test_sync_readme_after_a_run_also_fills_single_table_blocks(tmp_path: Path) -> None:
+    from benchmarks.__main__ import sync_readme
+
+    page = tmp_path / "README.md"
+    page.write_text("<!-- results:dense#2:start -->\n<!-- results:dense#2:end -->\n")
+    result = {"name": "dense", "markdown": "| a |\n|---|\n| 1 |\n\ntext\n\n| b |\n|---|\n| 2 |"}
+    assert sync_readme([result], page, claims=False) == ["dense#2"]
+    assert page.read_text() == "<!-- results:dense#2:start -->\n| b |\n|---|\n| 2 |\n<!-- results:dense#2:end -->\n"
